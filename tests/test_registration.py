@@ -1,0 +1,105 @@
+"""The models reach anomalib's CLI and ``get_model`` after a plain or editable install."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT, VENV_BIN
+
+CHECK_NOTHING_HEAVY = (
+    "import sys; heavy = sorted(m for m in sys.modules if m.split('.')[0] in {'anomalib', 'torch', 'timm'});"
+    "print('mlff' if 'anomalib_mlff' in sys.modules else 'no-mlff', heavy)"
+)
+CHECK_GET_MODEL = (
+    "from anomalib.models import get_model, list_models;"
+    "m = get_model('mlff', backbone='resnet18', pre_trained=False, tem_levels=8, feature_dim=32);"
+    "print(type(m).__module__, type(m).__name__, 'mlff' in list_models())"
+)
+# The CLI's own parser resolves the short name; --print_config stops right after parsing.
+CHECK_CLI = (
+    "import sys; from anomalib.cli.cli import main;"
+    "sys.argv = ['anomalib', 'train', '--model', 'MLFF', '--model.pre_trained', 'false', '--data', 'MVTecAD',"
+    " '--print_config'];"
+    "main()"
+)
+
+
+def test_startup_hook_imports_nothing_heavy(run_python) -> None:  # noqa: ANN001
+    """A program that never imports anomalib gets only the tiny hook module at start-up."""
+    result = run_python(CHECK_NOTHING_HEAVY)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "mlff []"
+
+
+def test_get_model_short_name_after_import(run_python) -> None:  # noqa: ANN001
+    result = run_python(CHECK_GET_MODEL)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-3:] == ["anomalib_mlff.models.mlff.lightning_model", "MLFF", "True"]
+
+
+def test_cli_resolves_short_name_editable_install(tmp_path: Path) -> None:
+    """`anomalib train --model MLFF` with the environment's own `anomalib` script."""
+    result = subprocess.run(  # noqa: S603
+        [str(VENV_BIN / "anomalib"), "train", "--model", "MLFF", "--model.pre_trained", "false", "--print_config"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "class_path: anomalib_mlff.models.mlff.lightning_model.MLFF" in result.stdout or (
+        "class_path: anomalib_mlff.models.MLFF" in result.stdout
+    ), result.stdout[-3000:]
+
+
+@pytest.fixture(scope="module")
+def installed_wheel_python(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A fresh venv that sees this environment's dependencies but has anomalib-mlff from a built wheel."""
+    root = tmp_path_factory.mktemp("wheel_install")
+    subprocess.run(  # noqa: S603
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(root / "dist"), str(REPO_ROOT)],
+        check=True,
+        capture_output=True,
+    )
+    wheel = next((root / "dist").glob("anomalib_mlff-*.whl"))
+    assert "anomalib_mlff.pth" in zipfile.ZipFile(wheel).namelist()
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)  # noqa: S603
+    site_packages = next(venv.glob("lib/python*/site-packages"))
+    # Dependencies (torch, anomalib, ...) come from this environment as a plain path entry: its own
+    # .pth files, including the editable install of this repo, are not processed.
+    dependencies = next(p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir())
+    (site_packages / "_dependencies.pth").write_text(dependencies + "\n")
+    subprocess.run(  # noqa: S603
+        [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--no-deps", str(wheel)],
+        check=True,
+        capture_output=True,
+    )
+    return str(venv / "bin" / "python")
+
+
+def test_wheel_install_registers_models(installed_wheel_python: str, run_python) -> None:  # noqa: ANN001
+    where = run_python("import anomalib_mlff; print(anomalib_mlff.__file__)", python=installed_wheel_python)
+    assert where.returncode == 0, where.stderr
+    assert str(REPO_ROOT) not in where.stdout, "the test must exercise the installed wheel, not the source tree"
+    startup = run_python(CHECK_NOTHING_HEAVY, python=installed_wheel_python)
+    assert startup.stdout.strip() == "mlff []", startup.stderr
+    cli = run_python(CHECK_CLI, python=installed_wheel_python)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    assert "anomalib_mlff" in cli.stdout
+    model = run_python(CHECK_GET_MODEL, python=installed_wheel_python)
+    assert model.returncode == 0, model.stderr[-3000:]
+    assert model.stdout.split()[-2:] == ["MLFF", "True"]
+
+
+def test_unknown_model_still_fails_cleanly(run_python) -> None:  # noqa: ANN001
+    """Registration must not make anomalib accept names it does not know."""
+    result = run_python("from anomalib.models import get_model; get_model('not_a_model')")
+    assert result.returncode != 0
+    assert "UnknownModelError" in result.stderr
