@@ -30,6 +30,7 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
+from anomalib_mlff.components.data_checks import require_training_images
 from anomalib_mlff.components.normalization import PixelRange
 from anomalib_mlff.components.pseudo_anomaly import PseudoAnomalyGenerator
 
@@ -143,6 +144,12 @@ class MLFF(AnomalibModule):
             momentum=self.momentum,
             weight_decay=self.weight_decay,
         )
+
+    def on_fit_start(self) -> None:
+        """Fail early, naming the dataset, when there is nothing to train on."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None:
+            require_training_images(datamodule)
 
     def _pixel_range(self) -> PixelRange:
         """How images in the batch map to [0, 1] (the pre-processor's normalisation, if any)."""
