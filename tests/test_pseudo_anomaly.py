@@ -116,7 +116,12 @@ def test_generator_half_ratio_and_determinism() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "name"),
-    [({"ratio": 1.5}, "ratio"), ({"ratio": -0.1}, "ratio"), ({"methods": ()}, "methods"), ({"methods": ("blur",)}, "methods")],
+    [
+        ({"ratio": 1.5}, "ratio"),
+        ({"ratio": -0.1}, "ratio"),
+        ({"methods": ()}, "methods"),
+        ({"methods": ("blur",)}, "methods"),
+    ],
 )
 def test_generator_rejects_bad_settings(kwargs: dict, name: str) -> None:
     with pytest.raises(ValueError, match=name):

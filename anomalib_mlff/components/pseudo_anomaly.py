@@ -126,7 +126,8 @@ def _square_blobs(
     for index, (size, (row, col)) in enumerate(zip(sizes, centres, strict=True)):
         top, left = row + pad - size // 2, col + pad - size // 2
         canvas[index, 0, top : top + size, left : left + size] = 1.0
-    rotation_centres = torch.tensor([[col + pad, row + pad] for row, col in centres], dtype=torch.float32, device=device)
+    xy_centres = [[col + pad, row + pad] for row, col in centres]
+    rotation_centres = torch.tensor(xy_centres, dtype=torch.float32, device=device)
     rotated = rotate(canvas, angles.to(device), center=rotation_centres, mode="nearest")
     return rotated[:, 0, pad : pad + height, pad : pad + width]
 

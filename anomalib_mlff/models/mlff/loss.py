@@ -135,7 +135,7 @@ class MLFFLoss(nn.Module):
             msg = f"margin must be >= 0, got margin={margin}."
             raise ValueError(msg)
         if not isinstance(consistency_patch_size, int) or consistency_patch_size < 1:
-            msg = f"consistency_patch_size must be a positive integer, got consistency_patch_size={consistency_patch_size!r}."
+            msg = f"consistency_patch_size must be a positive integer, got {consistency_patch_size!r}."
             raise ValueError(msg)
         self.feature_weight = float(feature_weight)
         self.score_weight = float(score_weight)
@@ -166,14 +166,15 @@ class MLFFLoss(nn.Module):
             raise ValueError(msg)
         labels = self._labels(features, masks)
         zero = features.new_zeros((), dtype=torch.float32)
+        with_scores = scores is not None
         terms = {
             "feature_loss": feature_loss(features, labels) if self.feature_weight else zero,
             "score_loss": (
-                score_loss(scores, labels, self.gamma, self.margin) if scores is not None and self.score_weight else zero
+                score_loss(scores, labels, self.gamma, self.margin) if with_scores and self.score_weight else zero
             ),
             "consistency_loss": (
                 consistency_loss(features, scores, labels, self.consistency_patch_size)
-                if scores is not None and self.consistency_weight
+                if with_scores and self.consistency_weight
                 else zero
             ),
         }

@@ -102,7 +102,10 @@ class TextureBranch(nn.Module):
 def _check_backbone_layers(backbone: str, layers: tuple[str, ...]) -> None:
     """Fail with a clear ValueError before timm silently drops unknown layers."""
     if not isinstance(backbone, str) or not timm.is_model(backbone):
-        msg = f"backbone={backbone!r} is not a timm model name; use a CNN such as 'resnet18', 'resnet50', 'wide_resnet50_2'."
+        msg = (
+            f"backbone={backbone!r} is not a timm model name; "
+            "use a CNN such as 'resnet18', 'resnet50', 'wide_resnet50_2'."
+        )
         raise ValueError(msg)
     if len(layers) != 3 or len(set(layers)) != 3:
         msg = f"layers must name three distinct backbone stages (shallow, middle, deep), got layers={layers}."
