@@ -1,0 +1,105 @@
+"""F2PAD's objective (paper Eq. 3 / 12), one value per image of a batch of window crops.
+
+    J(X_N) = L(X_N) / g0  +  lambda * sum_R log(1 + |A| / eps)  +  mu_p * sum_R prior(X_N)  +  mu_tv * TV(X_N)
+
+with A = X - X_N the anomalous part, R the pixels being optimised, L the model's feature-level
+anomaly scores summed over the feature positions those pixels reach, |A| the per-pixel channel norm
+(the LOG penalty on pixel groups, as in the paper's reference [43]) and TV the anisotropic total
+variation. g0 is the median over R of the per-pixel gradient norm of L at the initial estimate
+(:func:`calibrate_feature_scale`): the pixel-level weights then compare with a feature gradient of
+1 whatever the backbone, its score (distance or squared Mahalanobis distance) and its initialisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import NamedTuple
+
+import torch
+from kornia.losses import total_variation
+
+from .prior import PixelPrior
+from .scorers import DifferentiableScorer, PositionScores
+
+
+def log_sparsity(anomalous_part: torch.Tensor, region: torch.Tensor, eps: float) -> torch.Tensor:
+    """LOG penalty ``sum log(1 + |A_ij| / eps)`` over the region, ``|A_ij|`` the channel norm; ``(B,)``."""
+    magnitude = torch.linalg.vector_norm(anomalous_part, dim=1)
+    return (torch.log1p(magnitude / eps) * region).flatten(1).sum(1)
+
+
+def smoothness(images: torch.Tensor) -> torch.Tensor:
+    """Anisotropic total variation of each image, summed over channels; ``(B,)``."""
+    return total_variation(images, reduction="sum").sum(1)
+
+
+class ObjectiveTerms(NamedTuple):
+    """The objective's terms per image, each ``(B,)``, already weighted."""
+
+    feature: torch.Tensor
+    sparsity: torch.Tensor
+    prior: torch.Tensor
+    smoothness: torch.Tensor
+
+    @property
+    def total(self) -> torch.Tensor:
+        """Their sum, the value minimised."""
+        return self.feature + self.sparsity + self.prior + self.smoothness
+
+
+@dataclass
+class Objective:
+    """J(X_N) for one batch of window crops.
+
+    Attributes:
+        scorer: the model's differentiable scorer.
+        scores: its per-position score function, prepared at the initial estimate.
+        observed: the input crops X, ``(B, C, h, w)`` in [0, 1].
+        region: pixels being optimised, ``(B, h, w)`` bool.
+        positions: feature positions whose score can change, ``(B, h / stride, w / stride)`` bool.
+        feature_scale: each image's feature-gradient scale g0, ``(B,)``.
+        sparsity_weight: lambda per image, ``(B,)``; zero for the re-estimation.
+        eps: LOG penalty scale.
+        prior: fitted pixel prior, or ``None`` to leave the term out.
+        prior_weight: mu_p.
+        smoothness_weight: mu_tv.
+    """
+
+    scorer: DifferentiableScorer
+    scores: PositionScores
+    observed: torch.Tensor
+    region: torch.Tensor
+    positions: torch.Tensor
+    feature_scale: torch.Tensor
+    sparsity_weight: torch.Tensor
+    eps: float
+    prior: PixelPrior | None
+    prior_weight: float
+    smoothness_weight: float
+
+    def terms(self, normal: torch.Tensor) -> ObjectiveTerms:
+        """Weighted terms at the normal-image estimate ``normal``."""
+        region = self.region.to(normal.dtype)
+        position_scores = self.scores(self.scorer.embed(normal))
+        feature = (position_scores * self.positions).flatten(1).sum(1) / self.feature_scale
+        sparsity = self.sparsity_weight * log_sparsity(self.observed - normal, region, self.eps)
+        if self.prior is None or self.prior_weight == 0:
+            prior = torch.zeros_like(feature)
+        else:
+            prior = self.prior_weight * (self.prior(normal) * region).flatten(1).sum(1)
+        tv = self.smoothness_weight * smoothness(normal) if self.smoothness_weight else torch.zeros_like(feature)
+        return ObjectiveTerms(feature, sparsity, prior, tv)
+
+    def __call__(self, normal: torch.Tensor) -> torch.Tensor:
+        """J per image, ``(B,)``."""
+        return self.terms(normal).total
+
+
+def calibrate_feature_scale(objective: Objective, start: torch.Tensor) -> torch.Tensor:
+    """Median over the region of the per-pixel gradient norm of the (unscaled) feature term at ``start``; ``(B,)``."""
+    unscaled = replace(objective, feature_scale=torch.ones_like(objective.feature_scale))
+    estimate = start.detach().requires_grad_(True)
+    (gradient,) = torch.autograd.grad(unscaled.terms(estimate).feature.sum(), estimate)
+    norms = torch.linalg.vector_norm(gradient, dim=1)
+    medians = [item[region].median() if region.any() else item.new_tensor(1.0) for item, region in zip(norms, objective.region, strict=True)]
+    return torch.stack(medians).clamp_min(1e-12)

@@ -1,0 +1,346 @@
+"""F2PAD as an anomalib post-processor: ``Patchcore(post_processor=F2PAD())``.
+
+The forward pass (and so every exported ONNX/OpenVINO graph) is plain ``PostProcessor``: it
+normalises and thresholds. The refinement needs the image, the model's backbone and autograd, so it
+runs at Lightning hook level, after the usual post-processing of each test or predict batch:
+
+- training batches: pixels are sampled for the pixel prior (fitted when training ends) and the model's
+  input size is recorded;
+- test / predict batches: the backbone's mask at its F1-optimal threshold (or ``initial_threshold``)
+  is refined; ``pred_mask`` becomes F2PAD's mask, ``anomaly_map`` the map of |A| (unless
+  ``replace_anomaly_map=False``), and the batch gains ``initial_mask`` (the backbone's mask) and
+  ``normal_image`` (the recovered normal image, [0, 1] pixels at the batch's image size).
+
+Pixel values: the batch holds pre-processor-normalised images; F2PAD un-normalises them and works on
+[0, 1] pixels (valid range, LOG scale, prior, colour weights and mask threshold are all in those
+units), normalising again only where the backbone sees the image.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from anomalib.data import Batch
+from anomalib.post_processing import PostProcessor
+from lightning import LightningModule, Trainer
+from torch.nn import functional as F  # noqa: N812
+
+from anomalib_mlff.components.normalization import PixelRange
+
+from .inpaint import Inpainter, build_inpainter
+from .optimizer import OptimizerSettings
+from .prior import PixelPrior
+from .refinement import Refinement, RefinementSettings, refine
+from .scorers import build_scorer, scorer_class_for
+from .visualization import refinement_figure
+
+logger = logging.getLogger(__name__)
+
+
+class F2PAD(PostProcessor):
+    """Refines a feature-based model's masks to pixel accuracy (F2PAD, Cao et al.).
+
+    Defaults are the paper's where it gives them; pixel quantities are in [0, 1] pixel units and
+    pixels at the model's input size.
+
+    Args:
+        sparsity_weight: lambda0; the LOG penalty's weight is lambda0 / (initial mask's pixel count).
+        log_eps: scale eps of the LOG penalty log(1 + |A| / eps), |A| the channel norm.
+        prior_weight: weight of the pixel prior (nearest-component squared Mahalanobis distance).
+        smoothness_weight: weight of the total variation.
+        prior_components: most mixture components the variational-Bayes fit may use.
+        prior_samples: training pixels the prior is fitted on.
+        prior_reg_covar: added to the prior's covariance diagonals.
+        num_candidates: PatchCore's candidate neighbours per position, fixed at the initial estimate.
+        dilation: pixels the initial mask is grown by to give the optimised region.
+        crop_margin: context pixels kept around the region when cropping the images for the backbone.
+        reach: feature positions within this many pixels of the region count in the loss.
+        mask_threshold: a pixel is anomalous where |A| exceeds this.
+        initial_threshold: raw anomaly-map threshold of the initial mask; ``None`` uses the post-processor's
+            F1-optimal pixel threshold.
+        lr: Adan's learning rate.
+        clip: gradient clipping value.
+        kernel_size: neighbourhood of the gradient sharing.
+        sigma_space: spatial sigma of the sharing weights (pixels).
+        sigma_color: colour sigma of the sharing weights ([0, 1] units).
+        step_boost: c of the adaptive step size 1 + c / (1 + |A| / eps).
+        tolerance: stop when the objective decreases by less than this per iteration; ``None``: the scorer's
+            default (paper: 0.1 for PaDiM, 0.05 otherwise).
+        max_iterations: iteration cap of the main solve.
+        reestimate: re-estimate the normal image inside the final mask without the sparsity term.
+        reestimation_iterations: iteration cap of the re-estimation.
+        share_gradients: local gradient sharing on (off gives plain Adan).
+        inpainter: ``"telea"``, ``"ns"``, ``"biharmonic"`` or an inpainter such as ``MAEInpainter``.
+        replace_anomaly_map: put the map of |A| (mask threshold at 0.5) into ``anomaly_map``.
+        visualization_dir: if set, save image / recovered image / mask side by side there per test image.
+        enabled: refine at all (``False``: plain ``PostProcessor``).
+        **kwargs: ``PostProcessor`` arguments (normalisation, thresholding, sensitivities).
+    """
+
+    def __init__(
+        self,
+        sparsity_weight: float = 2.0,
+        log_eps: float = 0.05,
+        prior_weight: float = 0.01,
+        smoothness_weight: float = 0.01,
+        prior_components: int = 5,
+        prior_samples: int = 20000,
+        prior_reg_covar: float = 1e-3,
+        num_candidates: int = 10,
+        dilation: int = 8,
+        crop_margin: int = 32,
+        reach: int = 16,
+        mask_threshold: float = 0.1,
+        initial_threshold: float | None = None,
+        lr: float = 0.01,
+        clip: float = 0.03,
+        kernel_size: int = 5,
+        sigma_space: float = 1.0,
+        sigma_color: float = 0.25,
+        step_boost: float = 3.0,
+        tolerance: float | None = None,
+        max_iterations: int = 1200,
+        reestimate: bool = True,
+        reestimation_iterations: int = 200,
+        share_gradients: bool = True,
+        inpainter: str | Inpainter = "telea",
+        replace_anomaly_map: bool = True,
+        visualization_dir: str | Path | None = None,
+        enabled: bool = True,
+        **kwargs: Any,  # noqa: ANN401
+    ) -> None:
+        super().__init__(**kwargs)
+        self.sparsity_weight = sparsity_weight
+        self.log_eps = log_eps
+        self.prior_weight = prior_weight
+        self.smoothness_weight = smoothness_weight
+        self.prior_samples = prior_samples
+        self.num_candidates = num_candidates
+        self.dilation = dilation
+        self.crop_margin = crop_margin
+        self.reach = reach
+        self.mask_threshold = mask_threshold
+        self.initial_threshold = initial_threshold
+        self.lr = lr
+        self.clip = clip
+        self.kernel_size = kernel_size
+        self.sigma_space = sigma_space
+        self.sigma_color = sigma_color
+        self.step_boost = step_boost
+        self.tolerance = tolerance
+        self.max_iterations = max_iterations
+        self.reestimate = reestimate
+        self.reestimation_iterations = reestimation_iterations
+        self.share_gradients = share_gradients
+        self.inpainter = build_inpainter(inpainter)
+        self.replace_anomaly_map = replace_anomaly_map
+        self.visualization_dir = Path(visualization_dir) if visualization_dir is not None else None
+        self.enabled = enabled
+        self.pixel_prior = PixelPrior(n_components=prior_components, reg_covar=prior_reg_covar)
+        self.register_buffer("model_input_size", torch.zeros(2, dtype=torch.long))
+        self.model_input_size: torch.Tensor
+        self._pixel_samples: list[torch.Tensor] = []
+
+    @property
+    def _checkpoint_config_keys(self) -> tuple[str, ...]:
+        return (
+            *super()._checkpoint_config_keys,
+            "sparsity_weight",
+            "log_eps",
+            "prior_weight",
+            "smoothness_weight",
+            "num_candidates",
+            "dilation",
+            "crop_margin",
+            "reach",
+            "mask_threshold",
+            "initial_threshold",
+            "lr",
+            "clip",
+            "kernel_size",
+            "sigma_space",
+            "sigma_color",
+            "step_boost",
+            "tolerance",
+            "max_iterations",
+            "reestimate",
+            "reestimation_iterations",
+            "share_gradients",
+            "replace_anomaly_map",
+            "enabled",
+        )
+
+    # ---------------------------------------------------------------- settings
+    def settings(self, tolerance: float) -> RefinementSettings:
+        """The refinement's settings, with the given stopping tolerance."""
+        return RefinementSettings(
+            sparsity_weight=self.sparsity_weight,
+            log_eps=self.log_eps,
+            prior_weight=self.prior_weight,
+            smoothness_weight=self.smoothness_weight,
+            dilation=self.dilation,
+            crop_margin=self.crop_margin,
+            reach=self.reach,
+            mask_threshold=self.mask_threshold,
+            reestimate=self.reestimate,
+            reestimation_iterations=self.reestimation_iterations,
+            share_gradients=self.share_gradients,
+            optimizer=OptimizerSettings(
+                lr=self.lr,
+                clip=self.clip,
+                kernel_size=self.kernel_size,
+                sigma_space=self.sigma_space,
+                sigma_color=self.sigma_color,
+                boost=self.step_boost,
+                eps=self.log_eps,
+                tolerance=tolerance,
+                max_iterations=self.max_iterations,
+            ),
+        )
+
+    # ---------------------------------------------------------------- training: prior and input size
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Fail at once if the model has no differentiable scorer."""
+        del trainer, stage
+        if self.enabled:
+            scorer_class_for(pl_module.model)
+
+    def on_train_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,  # noqa: ANN401
+        batch: Batch,
+        batch_idx: int,
+    ) -> None:
+        """Record the model's input size and sample training pixels for the prior."""
+        del trainer, outputs, batch_idx
+        images = batch.image
+        self.model_input_size.copy_(torch.tensor(images.shape[-2:]))
+        if self.pixel_prior.is_fitted or self._collected() >= self.prior_samples:
+            return
+        pixels = _pixel_range(pl_module).to_unit(images.detach()).clamp(0, 1)
+        per_image = max(1, self.prior_samples // 50)
+        flat = pixels.permute(0, 2, 3, 1).reshape(images.shape[0], -1, images.shape[1])
+        picks = torch.randint(flat.shape[1], (images.shape[0], per_image), device=flat.device)
+        sample = torch.gather(flat, 1, picks[..., None].expand(-1, -1, flat.shape[-1])).reshape(-1, flat.shape[-1])
+        self._pixel_samples.append(sample[: self.prior_samples - self._collected()].cpu())
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Fit the pixel prior on the sampled training pixels."""
+        del trainer, pl_module
+        self._fit_prior_from_samples()
+
+    def fit_pixel_prior(self, images: torch.Tensor) -> None:
+        """Fit the pixel prior on all pixels of [0, 1] images ``(B, C, H, W)`` (for use outside an Engine)."""
+        pixels = images.permute(0, 2, 3, 1).reshape(-1, images.shape[1])
+        if pixels.shape[0] > self.prior_samples:
+            pixels = pixels[torch.randperm(pixels.shape[0])[: self.prior_samples]]
+        self.pixel_prior.fit(pixels)
+
+    def _collected(self) -> int:
+        return sum(sample.shape[0] for sample in self._pixel_samples)
+
+    def _fit_prior_from_samples(self) -> None:
+        if self._pixel_samples:
+            self.pixel_prior.fit(torch.cat(self._pixel_samples))
+            self._pixel_samples.clear()
+
+    # ---------------------------------------------------------------- inference: refinement
+    def on_test_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Batch,
+        *args: Any,  # noqa: ANN401
+        **kwargs: Any,  # noqa: ANN401
+    ) -> None:
+        """Post-process as usual, then refine the masks."""
+        raw_map = outputs.anomaly_map
+        super().on_test_batch_end(trainer, pl_module, outputs, *args, **kwargs)
+        if self.enabled:
+            self.refine_batch(pl_module, outputs, raw_map)
+
+    def on_predict_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Batch,
+        *args: Any,  # noqa: ANN401
+        **kwargs: Any,  # noqa: ANN401
+    ) -> None:
+        """Post-process as usual, then refine the masks."""
+        raw_map = outputs.anomaly_map
+        super().on_predict_batch_end(trainer, pl_module, outputs, *args, **kwargs)
+        if self.enabled:
+            self.refine_batch(pl_module, outputs, raw_map)
+
+    def refine_batch(self, pl_module: LightningModule, batch: Batch, raw_anomaly_map: torch.Tensor | None) -> Refinement:
+        """Refine one post-processed batch in place; returns the full result."""
+        self._fit_prior_from_samples()
+        if not self.pixel_prior.is_fitted and self.prior_weight:
+            logger.warning("F2PAD: no training pixels seen, so the pixel prior is left out (see fit_pixel_prior).")
+        pixel_range = _pixel_range(pl_module)
+        scorer = build_scorer(pl_module.model, pixel_range, self.num_candidates)
+        tolerance = scorer.tolerance if self.tolerance is None else self.tolerance
+        known_size = tuple(int(v) for v in self.model_input_size.tolist())
+        with torch.inference_mode(False), torch.enable_grad():
+            images = pixel_range.to_unit(batch.image.clone()).clamp(0, 1)
+            initial = self._initial_masks(batch, raw_anomaly_map, images.shape[-2:]).clone()
+            result = refine(
+                images,
+                initial,
+                scorer,
+                self.inpainter,
+                self.pixel_prior,
+                self.settings(tolerance),
+                working_size=known_size if all(known_size) else None,
+            )
+        batch.initial_mask = initial
+        batch.pred_mask = result.pred_mask
+        batch.normal_image = result.normal_image
+        if self.replace_anomaly_map:
+            batch.anomaly_map = result.anomaly_map(self.mask_threshold)
+        if self.visualization_dir is not None:
+            self._save_figures(batch, images, result)
+        return result
+
+    def _initial_masks(self, batch: Batch, raw_anomaly_map: torch.Tensor | None, size: torch.Size) -> torch.Tensor:
+        """The backbone's masks at the image size, ``(B, H, W)`` bool."""
+        if self.initial_threshold is not None or batch.pred_mask is None:
+            if raw_anomaly_map is None:
+                msg = "F2PAD needs the model's anomaly_map to start from; this model gives none."
+                raise ValueError(msg)
+            threshold = self.initial_threshold if self.initial_threshold is not None else self.pixel_threshold
+            if torch.isnan(torch.as_tensor(threshold)).item():
+                msg = (
+                    "F2PAD has no initial threshold: validate on images with masks first (F1-optimal threshold) "
+                    "or pass initial_threshold=<raw anomaly-map value>."
+                )
+                raise ValueError(msg)
+            masks = raw_anomaly_map > threshold
+        else:
+            masks = batch.pred_mask
+        masks = masks.reshape(masks.shape[0], *masks.shape[-2:]).bool()
+        if masks.shape[-2:] != size:
+            masks = F.interpolate(masks[:, None].float(), size=tuple(size), mode="nearest")[:, 0] > 0
+        return masks
+
+    def _save_figures(self, batch: Batch, images: torch.Tensor, result: Refinement) -> None:
+        self.visualization_dir.mkdir(parents=True, exist_ok=True)
+        paths = batch.image_path or [f"image_{index}" for index in range(images.shape[0])]
+        gt_masks = batch.gt_mask if batch.gt_mask is not None else [None] * images.shape[0]
+        for path, image, normal, mask, gt_mask in zip(
+            paths, images, result.normal_image, result.pred_mask, gt_masks, strict=True
+        ):
+            name = "_".join(Path(path).with_suffix("").parts[-2:]) + ".png"
+            refinement_figure(image, normal, mask, gt_mask).save(self.visualization_dir / name)
+
+
+def _pixel_range(pl_module: LightningModule) -> PixelRange:
+    """How the model's pre-processor normalises pixels (identity without one)."""
+    pre_processor = getattr(pl_module, "pre_processor", None)
+    return PixelRange.from_transform(getattr(pre_processor, "transform", None))

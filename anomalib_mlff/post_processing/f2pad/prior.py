@@ -1,0 +1,72 @@
+"""F2PAD's pixel prior (paper Eqs. 9-10): a mixture of Gaussians over the colours of normal pixels.
+
+Fitted by variational Bayes (scikit-learn's ``BayesianGaussianMixture``) on pixels sampled from the
+training images. At use every component counts equally (the paper drops the mixture weights so the
+estimate is not pulled to the most frequent colour), and a pixel's prior cost is its squared
+Mahalanobis distance to the nearest component.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from anomalib.models.components.base import DynamicBufferMixin
+from sklearn.mixture import BayesianGaussianMixture
+
+
+class PixelPrior(DynamicBufferMixin):
+    """Equal-weight mixture of Gaussians over pixel colours; stored as buffers so checkpoints keep it.
+
+    Args:
+        n_components: upper bound on the number of components; variational Bayes switches off the ones
+            the data does not need, and components left with less than ``min_weight`` are dropped.
+        reg_covar: added to every covariance's diagonal. Keeps grey-level (or otherwise flat) training
+            data from giving singular covariances.
+        min_weight: components whose fitted weight is below this are dropped before use.
+        seed: random state of the fit.
+    """
+
+    def __init__(self, n_components: int = 5, reg_covar: float = 1e-3, min_weight: float = 0.01, seed: int = 0) -> None:
+        super().__init__()
+        self.n_components = n_components
+        self.reg_covar = reg_covar
+        self.min_weight = min_weight
+        self.seed = seed
+        self.register_buffer("means", torch.empty(0))
+        self.register_buffer("precisions", torch.empty(0))
+        self.means: torch.Tensor
+        self.precisions: torch.Tensor
+
+    @property
+    def is_fitted(self) -> bool:
+        """Whether ``fit`` (or a checkpoint) has provided components."""
+        return self.means.numel() > 0
+
+    def fit(self, pixels: torch.Tensor) -> PixelPrior:
+        """Fit to ``(N, C)`` pixel values in [0, 1]."""
+        if pixels.ndim != 2 or pixels.shape[0] < 2:
+            msg = f"PixelPrior.fit needs an (N, C) array of at least 2 pixels, got shape {tuple(pixels.shape)}."
+            raise ValueError(msg)
+        data = pixels.detach().double().cpu().numpy()
+        mixture = BayesianGaussianMixture(
+            n_components=min(self.n_components, len(data)),
+            covariance_type="full",
+            reg_covar=self.reg_covar,
+            max_iter=500,
+            random_state=self.seed,
+        ).fit(data)
+        keep = mixture.weights_ >= min(self.min_weight, float(np.max(mixture.weights_)))
+        device = self.means.device
+        self.means = torch.as_tensor(mixture.means_[keep], dtype=torch.float32, device=device)
+        self.precisions = torch.as_tensor(mixture.precisions_[keep], dtype=torch.float32, device=device)
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Squared Mahalanobis distance of each pixel of ``(B, C, H, W)`` images to its nearest component."""
+        if not self.is_fitted:
+            msg = "PixelPrior is not fitted: call fit() with training pixels first."
+            raise RuntimeError(msg)
+        pixels = images.permute(0, 2, 3, 1)[..., None, :]  # (B, H, W, 1, C)
+        delta = pixels - self.means.to(images.dtype)  # (B, H, W, K, C)
+        squared = torch.einsum("bhwkc,kcd,bhwkd->bhwk", delta, self.precisions.to(images.dtype), delta)
+        return squared.amin(-1)

@@ -1,0 +1,177 @@
+"""The F2PAD procedure on a batch of [0, 1] images and their initial masks (paper III-E).
+
+1. Images whose initial mask is empty are returned at once, unchanged, with an empty mask.
+2. Dilate the initial mask: the region R that is optimised.
+3. Inpaint the initial mask: X_N^0.
+4. Cut a common crop around R (the features outside it cannot change); fix the model's
+   initial-estimate quantities (PatchCore's candidate neighbours) and the feature-term scale;
+   the sparsity weight is lambda0 / (fraction of the image the initial mask covers).
+5. Minimise J over R with the optimiser; the mask is where the channel norm of A = X - X_N
+   exceeds ``mask_threshold``.
+6. Re-estimation: minimise J again without the sparsity term, over the final mask only, to recover X_N.
+Images of another size than ``working_size`` are resized to it and the results resized back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch.nn import functional as F  # noqa: N812
+
+from .inpaint import Inpainter
+from .objective import Objective, calibrate_feature_scale
+from .optimizer import OptimizerSettings, minimise
+from .prior import PixelPrior
+from .scorers import DifferentiableScorer
+from .window import FeatureWindow, dilate, positions_touched
+
+
+@dataclass(frozen=True)
+class RefinementSettings:
+    """Everything F2PAD's procedure needs besides the model (pixel units: [0, 1] values, pixels)."""
+
+    sparsity_weight: float = 2.0
+    log_eps: float = 0.05
+    prior_weight: float = 0.01
+    smoothness_weight: float = 0.01
+    dilation: int = 8
+    crop_margin: int = 32
+    reach: int = 16
+    mask_threshold: float = 0.1
+    reestimate: bool = True
+    reestimation_iterations: int = 200
+    share_gradients: bool = True
+    optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
+
+
+@dataclass
+class Refinement:
+    """F2PAD's outputs for a batch.
+
+    Attributes:
+        pred_mask: refined masks ``(B, H, W)``.
+        magnitude: channel norm of the anomalous part |A| ``(B, H, W)`` (zero outside R).
+        normal_image: recovered normal images ``(B, C, H, W)`` in [0, 1].
+        initial_normal_image: the inpainted start X_N^0 ``(B, C, H, W)``.
+        iterations: optimiser iterations per image (both solves), ``(B,)``.
+    """
+
+    pred_mask: torch.Tensor
+    magnitude: torch.Tensor
+    normal_image: torch.Tensor
+    initial_normal_image: torch.Tensor
+    iterations: torch.Tensor
+
+    @classmethod
+    def unchanged(cls, images: torch.Tensor) -> Refinement:
+        """The result for images with nothing to refine."""
+        batch, _, height, width = images.shape
+        return cls(
+            pred_mask=torch.zeros(batch, height, width, dtype=torch.bool, device=images.device),
+            magnitude=torch.zeros(batch, height, width, dtype=images.dtype, device=images.device),
+            normal_image=images.clone(),
+            initial_normal_image=images.clone(),
+            iterations=torch.zeros(batch, dtype=torch.long, device=images.device),
+        )
+
+    def anomaly_map(self, mask_threshold: float) -> torch.Tensor:
+        """|A| mapped into [0, 1) as ``|A| / (|A| + threshold)``: the mask threshold lands on 0.5."""
+        return self.magnitude / (self.magnitude + mask_threshold)
+
+
+def refine(
+    images: torch.Tensor,
+    initial_masks: torch.Tensor,
+    scorer: DifferentiableScorer,
+    inpainter: Inpainter,
+    prior: PixelPrior | None,
+    settings: RefinementSettings,
+    working_size: tuple[int, int] | None = None,
+) -> Refinement:
+    """Refine ``initial_masks`` ``(B, H, W)`` of [0, 1] ``images`` ``(B, C, H, W)``; see the module docstring."""
+    result = Refinement.unchanged(images)
+    todo = initial_masks.flatten(1).any(1).nonzero().flatten()
+    if todo.numel() == 0:
+        return result
+    size = tuple(images.shape[-2:])
+    working_size = tuple(scorer.working_size(size) if working_size is None else working_size)
+    observed, masks = images[todo], initial_masks[todo].bool()
+    if working_size != size:
+        observed = F.interpolate(observed, size=working_size, mode="bilinear", antialias=True).clamp(0, 1)
+        masks = F.interpolate(masks[:, None].float(), size=working_size, mode="nearest")[:, 0] > 0
+    refined = _refine_at_model_size(observed, masks, scorer, inpainter, prior, settings)
+    if working_size != size:
+        refined = _resize(refined, images[todo], settings.mask_threshold)
+    for name in ("pred_mask", "magnitude", "normal_image", "initial_normal_image", "iterations"):
+        getattr(result, name)[todo] = getattr(refined, name)
+    return result
+
+
+def _refine_at_model_size(
+    observed: torch.Tensor,
+    initial_masks: torch.Tensor,
+    scorer: DifferentiableScorer,
+    inpainter: Inpainter,
+    prior: PixelPrior | None,
+    settings: RefinementSettings,
+) -> Refinement:
+    """Steps 2-6 for images that all have a non-empty mask."""
+    region = dilate(initial_masks, settings.dilation)
+    start = inpainter(observed, initial_masks)
+    window = FeatureWindow.around(region, settings.crop_margin, scorer.alignment)
+    observed_crop, region_crop, start_crop = (window.crop(t) for t in (observed, region, start))
+    with torch.no_grad():
+        initial_embedding = scorer.embed(start_crop)
+    scores = scorer.prepare(initial_embedding, window)
+    anomaly_sizes = initial_masks.flatten(1).float().mean(1).to(observed.dtype)
+    objective = Objective(
+        scorer=scorer,
+        scores=scores,
+        observed=observed_crop,
+        region=region_crop,
+        positions=positions_touched(region_crop, scorer.stride, settings.reach),
+        feature_scale=torch.ones_like(anomaly_sizes),
+        sparsity_weight=settings.sparsity_weight / anomaly_sizes,
+        eps=settings.log_eps,
+        prior=prior if prior is not None and prior.is_fitted else None,
+        prior_weight=settings.prior_weight,
+        smoothness_weight=settings.smoothness_weight,
+    )
+    objective = replace(objective, feature_scale=calibrate_feature_scale(objective, start_crop))
+    optimizer = replace(settings.optimizer, eps=settings.log_eps)
+    normal, trace = minimise(objective, start_crop, observed_crop, region_crop, optimizer, settings.share_gradients)
+    iterations = trace.iterations
+    magnitude = torch.linalg.vector_norm(observed_crop - normal, dim=1) * region_crop
+    mask = magnitude > settings.mask_threshold
+    if settings.reestimate and mask.any():
+        recovery = replace(objective, region=mask, sparsity_weight=torch.zeros_like(objective.sparsity_weight))
+        recovery_settings = replace(optimizer, max_iterations=settings.reestimation_iterations)
+        normal, recovery_trace = minimise(recovery, normal, observed_crop, mask, recovery_settings, settings.share_gradients)
+        iterations = iterations + recovery_trace.iterations
+    return Refinement(
+        pred_mask=window.paste(mask, torch.zeros_like(initial_masks)),
+        magnitude=window.paste(magnitude, torch.zeros_like(initial_masks, dtype=observed.dtype)),
+        normal_image=window.paste(normal, observed),
+        initial_normal_image=start,
+        iterations=iterations,
+    )
+
+
+def _resize(refined: Refinement, observed: torch.Tensor, mask_threshold: float) -> Refinement:
+    """Bring a refinement made at the model's size back to the images' size."""
+    size = observed.shape[-2:]
+    magnitude = F.interpolate(refined.magnitude[:, None], size=size, mode="bilinear")[:, 0].clamp_min(0)
+    mask = magnitude > mask_threshold
+
+    def restore(image: torch.Tensor) -> torch.Tensor:
+        resized = F.interpolate(image, size=size, mode="bilinear").clamp(0, 1)
+        return torch.where(mask[:, None], resized, observed)
+
+    return Refinement(
+        pred_mask=mask,
+        magnitude=magnitude,
+        normal_image=restore(refined.normal_image),
+        initial_normal_image=restore(refined.initial_normal_image),
+        iterations=refined.iterations,
+    )
