@@ -38,7 +38,25 @@ class _RegisterAfterAnomalibModels:
         return spec
 
 
+def _plugin_module_initialising() -> bool:
+    """True while a module of this package is half-way through its own import.
+
+    That happens when one of our modules is what first imports ``anomalib.models``; registering
+    then would re-enter that half-initialised module. Our subpackages import ``anomalib.models``
+    before any of their own modules to avoid it; this guard covers the rest, which then
+    register on their own through the same registry (see ``anomalib_mlff.models``).
+    """
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] == "anomalib_mlff" and name != "anomalib_mlff":
+            spec = getattr(module, "__spec__", None)
+            if spec is not None and getattr(spec, "_initializing", False):
+                return True
+    return False
+
+
 def _register() -> None:
+    if _plugin_module_initialising():
+        return
     try:
         from anomalib_mlff.registry import register_models
 

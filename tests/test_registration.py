@@ -103,3 +103,25 @@ def test_unknown_model_still_fails_cleanly(run_python) -> None:  # noqa: ANN001
     result = run_python("from anomalib.models import get_model; get_model('not_a_model')")
     assert result.returncode != 0
     assert "UnknownModelError" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "first_import",
+    [
+        "anomalib_mlff.models.mlff.torch_model",
+        "anomalib_mlff.components.backbone",
+        "anomalib_mlff.components.texture",
+        "anomalib_mlff.post_processing",
+        "anomalib.engine",
+    ],
+)
+def test_registration_whatever_is_imported_first(run_python, first_import: str) -> None:  # noqa: ANN001
+    """A module of ours that itself triggers anomalib's import must not half-register the models."""
+    result = run_python(
+        "import warnings; warnings.simplefilter('error', RuntimeWarning);"
+        f"import {first_import};"
+        "import anomalib.models as zoo; print(hasattr(zoo, 'MLFF'), type(zoo.get_model('mlff', pre_trained=False,"
+        " backbone='resnet18')).__name__)",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-2:] == ["True", "MLFF"]

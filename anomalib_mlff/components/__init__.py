@@ -1,4 +1,6 @@
-# MLFF building blocks: pseudo anomalies, STLNet texture modules, self-calibrated convolution.
+"""Building blocks shared by the models: pseudo anomalies, texture and self-calibrated blocks, memory bank."""
+
+import anomalib_mlff.models  # noqa: F401  (registers the models first: see anomalib_mlff.models)
 from .pseudo_anomaly import PseudoAnomalyGenerator, confetti_noise, cut_paste, cut_paste_scar  # noqa: F401
 from .scconv import SelfCalibratedConv  # noqa: F401
 from .texture import PyramidTextureExtraction, TextureEnhancement  # noqa: F401
