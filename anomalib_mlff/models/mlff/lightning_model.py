@@ -179,7 +179,12 @@ class MLFF(AnomalibModule):
             optimizer.step()
             for key, value in losses.items():
                 totals[key] = totals.get(key, 0.0) + value.detach() / self.repeat
-        self.log_dict({f"train_{key}": value for key, value in totals.items()}, prog_bar=True, on_epoch=True)
+        self.log_dict(
+            {f"train_{key}": value for key, value in totals.items()},
+            prog_bar=True,
+            on_epoch=True,
+            batch_size=batch.image.shape[0],
+        )
         return {"loss": totals["loss"]}
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
