@@ -13,6 +13,7 @@ from anomalib_mlff import _autoload
 TYPE_CHECKING = False  # avoids importing `typing` at interpreter start-up
 if TYPE_CHECKING:
     from anomalib_mlff.models.mlff import MLFF
+    from anomalib_mlff.models.mffa import MFFA
     from anomalib_mlff.post_processing.f2pad import F2PAD, Dice, IoU
 
 __version__ = "0.1.0"
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _PUBLIC: dict[str, str] = {
     "MLFF": "anomalib_mlff.models.mlff",
+    "MFFA": "anomalib_mlff.models.mffa",
     "F2PAD": "anomalib_mlff.post_processing.f2pad",
     "IoU": "anomalib_mlff.post_processing.f2pad",
     "Dice": "anomalib_mlff.post_processing.f2pad",

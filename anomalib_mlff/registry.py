@@ -13,6 +13,7 @@ from importlib import import_module
 # (module, class name) of every model this plugin adds to anomalib.
 MODELS: tuple[tuple[str, str], ...] = (
     ("anomalib_mlff.models.mlff", "MLFF"),
+    ("anomalib_mlff.models.mffa", "MFFA"),
 )
 
 

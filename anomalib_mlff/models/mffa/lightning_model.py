@@ -1,0 +1,273 @@
+"""MFFA: multi-level feature fusion with CaiT-guided self-attention and anomaly map compensation.
+
+Training has two phases, both ordinary Lightning epochs, so the progress bar shows each:
+
+1. PSG (``psg_epochs`` epochs, only with ``use_psg``): every normal batch becomes a 3-way
+   normal / CutPaste / CutPaste-Scar classification batch; SGD fine-tunes the backbone
+   (automatic optimisation over the cross-entropy).
+2. Fill (one more epoch): the backbone in eval mode embeds the training images; at the end of
+   that epoch (before validation) the memory bank is filled and the Gaussians are fitted.
+
+``trainer_arguments`` therefore asks anomalib's Engine for ``psg_epochs + 1`` epochs (1 without
+PSG, like PaDiM) and validation only after the last one. The maths lives in :class:`MFFAModel`,
+which is what ``anomalib export`` writes out.
+
+Example:
+    >>> from anomalib.engine import Engine
+    >>> from anomalib_mlff import MFFA
+    >>> from anomalib_mlff.data import embedded_datamodule
+    >>> model = MFFA(backbone="resnet18", cait_backbone="cait_xxs24_224", n_gaussian_features=100, pre_trained=False)
+    >>> Engine().fit(model, datamodule=embedded_datamodule())  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
+from anomalib.metrics import Evaluator
+from anomalib.models.components import AnomalibModule
+from anomalib.post_processing import PostProcessor
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import nn
+
+from anomalib_mlff.components.data_checks import describe_datamodule, require_training_images
+from anomalib_mlff.components.normalization import PixelRange
+
+from .gaussian import MIN_GAUSSIAN_IMAGES
+from .loss import PSGLoss
+from .psg import pseudo_sample_batch
+from .torch_model import MFFAEmbeddings, MFFAModel
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MFFA"]
+
+
+class MFFA(AnomalibModule):
+    """MFFA: PSG fine-tuning, LGFFP (CaiT) features, NNS x Gaussian anomaly maps.
+
+    Args:
+        backbone, layers, pre_trained, weights_path: the CNN (paper: ImageNet WideResNet-50 layers 1-3).
+        cait_backbone, cait_blocks, cait_weights_path: LGFFP's CaiT (paper: a 768-wide CaiT, 11 blocks).
+        use_nns, use_gaussian, use_lgffp, use_psg: the paper's ablation switches (Tables 1 and 2).
+        coreset_ratio: memory-bank share of the training patches (paper: 0.01).
+        n_gaussian_features: randomly selected Gaussian dimensions (paper: 570).
+        grid_layer: resolution of LGFFP and the Gaussians (default ``layers[0]``).
+        blur_sigma: AMC smoothing (paper: 4).
+        approximate_search: approximate FAISS search in the NNS branch.
+        psg_epochs: PSG fine-tuning epochs (paper: 64); the fill pass is one more epoch.
+        learning_rate, momentum, weight_decay: PSG's SGD (paper: 3e-4, 0.9, 3e-5).
+        seed: random channel/dimension selections and PSG's pseudo anomalies.
+        pre_processor, post_processor, evaluator, visualizer: anomalib components.
+
+    The paper's batch size (32) is the datamodule's ``train_batch_size``.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "wide_resnet50_2",
+        layers: Sequence[str] = ("layer1", "layer2", "layer3"),
+        pre_trained: bool = True,
+        weights_path: str | None = None,
+        cait_backbone: str = "cait_m36_384",
+        cait_blocks: int = 11,
+        cait_weights_path: str | None = None,
+        use_nns: bool = True,
+        use_gaussian: bool = True,
+        use_lgffp: bool = True,
+        use_psg: bool = True,
+        coreset_ratio: float = 0.01,
+        n_gaussian_features: int = 570,
+        grid_layer: str = "layer1",
+        blur_sigma: float = 4.0,
+        approximate_search: bool = False,
+        psg_epochs: int = 64,
+        learning_rate: float = 3e-4,
+        momentum: float = 0.9,
+        weight_decay: float = 3e-5,
+        seed: int = 0,
+        pre_processor: nn.Module | bool = True,
+        post_processor: nn.Module | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        if use_psg and (not isinstance(psg_epochs, int) or psg_epochs < 1):
+            msg = f"psg_epochs must be a positive integer with use_psg=True, got psg_epochs={psg_epochs!r}."
+            raise ValueError(msg)
+        for name, value in (("learning_rate", learning_rate), ("weight_decay", weight_decay), ("momentum", momentum)):
+            if value < 0:
+                msg = f"{name} must be >= 0, got {name}={value}."
+                raise ValueError(msg)
+        self.model = MFFAModel(
+            backbone=backbone,
+            layers=layers,
+            pre_trained=pre_trained,
+            weights_path=weights_path,
+            cait_backbone=cait_backbone,
+            cait_blocks=cait_blocks,
+            cait_weights_path=cait_weights_path,
+            use_nns=use_nns,
+            use_gaussian=use_gaussian,
+            use_lgffp=use_lgffp,
+            use_psg=use_psg,
+            coreset_ratio=coreset_ratio,
+            n_gaussian_features=n_gaussian_features,
+            grid_layer=grid_layer,
+            blur_sigma=blur_sigma,
+            approximate_search=approximate_search,
+            seed=seed,
+        )
+        self.loss = PSGLoss()
+        self.use_psg = use_psg
+        self.psg_epochs = psg_epochs if use_psg else 0
+        self.learning_rate = learning_rate
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.seed = seed
+        self._pseudo_generator = torch.Generator().manual_seed(seed)
+        self._collected: list[MFFAEmbeddings] = []
+
+    # ------------------------------------------------------------------ set-up
+    def configure_optimizers(self) -> torch.optim.Optimizer | None:
+        """PSG's SGD over the backbone and the classifier; nothing to optimise without PSG."""
+        if not self.use_psg:
+            return None
+        parameters = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.optim.SGD(
+            parameters, lr=self.learning_rate, momentum=self.momentum, weight_decay=self.weight_decay
+        )
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """PSG epochs + the fill epoch; validate only after the fill epoch; one device (one memory bank)."""
+        epochs = self.psg_epochs + 1
+        return {"max_epochs": epochs, "check_val_every_n_epoch": epochs, "num_sanity_val_steps": 0, "devices": 1}
+
+    @property
+    def learning_type(self) -> LearningType:
+        """Trained on normal images only (PSG's pseudo anomalies are synthesised): one-class."""
+        return LearningType.ONE_CLASS
+
+    @staticmethod
+    def configure_post_processor() -> PostProcessor:
+        """anomalib's default: F1-adaptive thresholds and min-max score normalisation."""
+        return PostProcessor()
+
+    def _pixel_range(self) -> PixelRange:
+        """How images in the batch map to [0, 1] (the pre-processor's normalisation, if any)."""
+        transform = self.pre_processor.transform if isinstance(self.pre_processor, PreProcessor) else None
+        return PixelRange.from_transform(transform)
+
+    # ------------------------------------------------------------------ training
+    def _in_fill_epoch(self) -> bool:
+        return self.current_epoch >= self.psg_epochs
+
+    def on_fit_start(self) -> None:
+        """Fail early, naming the dataset, when there are too few training images; reset the PSG draws."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        count = require_training_images(datamodule) if datamodule is not None else -1
+        if self.model.gaussian is not None and 0 <= count < MIN_GAUSSIAN_IMAGES:
+            msg = (
+                f"The training set of {describe_datamodule(datamodule)} has {count} image; MFFA's Gaussian branch "
+                f"needs at least {MIN_GAUSSIAN_IMAGES} to estimate a covariance. Add images or set use_gaussian=False."
+            )
+            raise ValueError(msg)
+        self._pseudo_generator.manual_seed(self.seed)
+
+    def on_train_epoch_start(self) -> None:
+        """Announce the phase this epoch belongs to."""
+        if self._in_fill_epoch():
+            self._collected = []
+            logger.info("MFFA: embedding the training images to fill the memory bank and fit the Gaussians.")
+        elif self.current_epoch == 0:
+            logger.info("MFFA: PSG fine-tuning for %d epochs, then one pass to fit the branches.", self.psg_epochs)
+
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """A PSG classification step, or (fill epoch) collect the batch's branch embeddings."""
+        del args, kwargs
+        if self._in_fill_epoch():
+            self.model.eval()  # BatchNorm statistics as at inference
+            with torch.no_grad():
+                embeddings = self.model.embed(batch.image)
+            self._collected.append(MFFAEmbeddings(*(None if e is None else e.detach() for e in embeddings)))
+            images = sum(len(item.nns if item.nns is not None else item.gaussian) for item in self._collected)
+            self.log(
+                "fill_images", float(images), prog_bar=True, on_step=True, on_epoch=False, batch_size=len(batch.image)
+            )
+            return None
+        pixel_range = self._pixel_range()
+        images, labels = pseudo_sample_batch(pixel_range.to_unit(batch.image).clamp(0, 1), self._pseudo_generator)
+        logits = self.model(pixel_range.from_unit(images))
+        losses = self.loss(logits, labels)
+        if not torch.isfinite(losses["loss"]):
+            msg = (
+                f"MFFA's PSG loss became {losses['loss'].item()} at step {self.global_step}; lower learning_rate "
+                f"(now {self.learning_rate}) or check the input images for NaN/inf."
+            )
+            raise FloatingPointError(msg)
+        self.log_dict(
+            {"train_loss": losses["loss"], "train_accuracy": losses["accuracy"]},
+            prog_bar=True,
+            on_step=True,
+            on_epoch=True,
+            batch_size=len(labels),
+        )
+        return losses["loss"]
+
+    def _fit_collected(self) -> None:
+        """Fit the branches from the fill epoch's embeddings (once)."""
+        if not self._collected:
+            return
+        embeddings = MFFAEmbeddings(
+            *(None if parts[0] is None else torch.cat(parts) for parts in zip(*self._collected, strict=True))
+        )
+        self._collected = []
+        count = len(embeddings.nns if embeddings.nns is not None else embeddings.gaussian)
+        logger.info("MFFA: fitting the memory bank and the Gaussians on %d training images.", count)
+        self.model.fit(embeddings)
+
+    def on_train_epoch_end(self) -> None:
+        """After the fill epoch (when there is no validation first): fit the branches."""
+        self._fit_collected()
+
+    # ------------------------------------------------------------------ evaluation
+    def _require_fitted(self) -> None:
+        self._fit_collected()
+        if not self.model.is_fitted:
+            msg = (
+                "MFFA is not fitted: the memory bank and the Gaussians are filled in the epoch after the "
+                f"{self.psg_epochs} PSG epoch(s). Train with max_epochs = psg_epochs + 1 (anomalib's Engine sets it) "
+                "or load a fitted checkpoint."
+            )
+            raise RuntimeError(msg)
+
+    def on_validation_start(self) -> None:
+        """Validation follows the fill epoch directly: fit the branches first."""
+        self._require_fitted()
+
+    def on_test_start(self) -> None:
+        """Testing needs fitted branches."""
+        self._require_fitted()
+
+    def on_predict_start(self) -> None:
+        """Prediction needs fitted branches."""
+        self._require_fitted()
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Predict on the validation batch; thresholds and normalisation are fitted from these."""
+        del args, kwargs
+        predictions = self.model(batch.image)
+        return batch.update(**predictions._asdict())
