@@ -14,6 +14,9 @@ TYPE_CHECKING = False  # avoids importing `typing` at interpreter start-up
 if TYPE_CHECKING:
     from anomalib_mlff.models.mlff import MLFF
     from anomalib_mlff.models.mffa import MFFA
+    from anomalib_mlff.components.coreset import greedy_coreset
+    from anomalib_mlff.components.memory_bank import FaissMemoryBank
+    from anomalib_mlff.models.faiss_patchcore import FaissPatchcore
     from anomalib_mlff.post_processing.f2pad import F2PAD, Dice, IoU
 
 __version__ = "0.1.0"
@@ -22,6 +25,9 @@ __version__ = "0.1.0"
 _PUBLIC: dict[str, str] = {
     "MLFF": "anomalib_mlff.models.mlff",
     "MFFA": "anomalib_mlff.models.mffa",
+    "FaissPatchcore": "anomalib_mlff.models.faiss_patchcore",
+    "FaissMemoryBank": "anomalib_mlff.components.memory_bank",
+    "greedy_coreset": "anomalib_mlff.components.coreset",
     "F2PAD": "anomalib_mlff.post_processing.f2pad",
     "IoU": "anomalib_mlff.post_processing.f2pad",
     "Dice": "anomalib_mlff.post_processing.f2pad",

@@ -14,6 +14,7 @@ from importlib import import_module
 MODELS: tuple[tuple[str, str], ...] = (
     ("anomalib_mlff.models.mlff", "MLFF"),
     ("anomalib_mlff.models.mffa", "MFFA"),
+    ("anomalib_mlff.models.faiss_patchcore", "FaissPatchcore"),
 )
 
 

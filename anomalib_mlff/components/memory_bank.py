@@ -198,24 +198,27 @@ class FaissMemoryBank(DynamicBufferMixin, nn.Module):
     def exact_search(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact search in pure torch (anomalib's ``euclidean_dist``), in chunks within ``search_budget_mb``.
 
-        This is the path traced or exported graphs take.
+        This is the path traced or exported graphs take. They search all their queries in one
+        block: a block count that depends on the batch size would fix the exported batch size.
         """
-        bank = self.memory_bank
-        bytes_per_row = bank.shape[0] * bank.element_size()
-        rows = max(1, int(self.search_budget_mb * 2**20) // bytes_per_row)
-        all_distances, all_indices = [], []
-        for start in range(0, queries.shape[0], rows):
-            distances = PatchcoreModel.euclidean_dist(queries[start : start + rows], bank)
-            if k == 1:
-                chunk_distances, chunk_indices = distances.min(dim=1, keepdim=True)
-            else:
-                chunk_distances, chunk_indices = distances.topk(k=k, largest=False, dim=1)
-            all_distances.append(chunk_distances)
-            all_indices.append(chunk_indices)
-            del distances
-        if len(all_distances) == 1:
-            return all_distances[0], all_indices[0]
-        return torch.cat(all_distances), torch.cat(all_indices)
+        if capturing_graph():
+            return self._search_block(queries, k)
+        rows = self._rows_per_block()
+        if queries.shape[0] <= rows:
+            return self._search_block(queries, k)
+        blocks = [self._search_block(queries[start : start + rows], k) for start in range(0, queries.shape[0], rows)]
+        return torch.cat([block[0] for block in blocks]), torch.cat([block[1] for block in blocks])
+
+    def _rows_per_block(self) -> int:
+        """Queries per block so that a block's distances to the whole bank fit in ``search_budget_mb``."""
+        bytes_per_row = int(self.memory_bank.shape[0]) * self.memory_bank.element_size()
+        return max(1, int(self.search_budget_mb * 2**20) // bytes_per_row)
+
+    def _search_block(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        distances = PatchcoreModel.euclidean_dist(queries, self.memory_bank)
+        if k == 1:
+            return distances.min(dim=1, keepdim=True)
+        return distances.topk(k=k, largest=False, dim=1)
 
     def _check_search(self, queries: torch.Tensor, k: int) -> None:
         if not self.is_fitted:

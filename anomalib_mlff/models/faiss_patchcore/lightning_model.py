@@ -1,0 +1,105 @@
+"""FaissPatchcore: anomalib's PatchCore on a FAISS coreset memory bank.
+
+Same backbone, layers, pooling, scoring and re-weighting as ``anomalib.models.Patchcore`` (this
+class inherits its training, validation, pre-processing and export); the coreset selection is
+the fast greedy k-center of :mod:`anomalib_mlff.components.coreset` and the search runs through
+FAISS, exact by default or approximate (HNSW/IVF) on request.
+
+Example:
+    >>> from anomalib.engine import Engine
+    >>> from anomalib_mlff import FaissPatchcore
+    >>> from anomalib_mlff.data import embedded_datamodule
+    >>> model = FaissPatchcore(backbone="resnet18", pre_trained=False, approximate=True)
+    >>> Engine().fit(model, datamodule=embedded_datamodule())  # doctest: +SKIP
+
+CLI: ``anomalib train --model FaissPatchcore --model.approximate true --data MVTecAD``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from anomalib import PrecisionType
+from anomalib.metrics import Evaluator
+from anomalib.models import Patchcore
+from anomalib.visualization import Visualizer
+from torch import nn
+
+from anomalib_mlff.components.memory_bank import FaissMemoryBank
+
+from .torch_model import FaissPatchcoreModel
+
+__all__ = ["FaissPatchcore"]
+
+
+class FaissPatchcore(Patchcore):
+    """PatchCore with a greedy-coreset FAISS memory bank.
+
+    Args:
+        backbone, layers, pre_trained, coreset_sampling_ratio, num_neighbors, precision:
+            as ``anomalib.models.Patchcore``.
+        approximate: approximate nearest-neighbour search instead of exact.
+        index_type: ``"hnsw"`` or ``"ivf"`` (approximate search).
+        fp16: float16 storage in the approximate index.
+        ef_search: HNSW search breadth; nprobe: IVF lists visited per query.
+        search_budget_mb: memory cap of one distance block in torch search (export, CUDA without faiss-gpu).
+        seed: seeds the coreset's random projection and start.
+        pre_processor, post_processor, evaluator, visualizer: anomalib components.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "wide_resnet50_2",
+        layers: Sequence[str] = ("layer2", "layer3"),
+        pre_trained: bool = True,
+        coreset_sampling_ratio: float = 0.1,
+        num_neighbors: int = 9,
+        approximate: bool = False,
+        index_type: str = "hnsw",
+        fp16: bool = False,
+        ef_search: int = 64,
+        nprobe: int = 16,
+        search_budget_mb: float = 256.0,
+        seed: int = 0,
+        precision: str | PrecisionType = PrecisionType.FLOAT32,
+        pre_processor: nn.Module | bool = True,
+        post_processor: nn.Module | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        bank = FaissMemoryBank(
+            approximate=approximate,
+            index_type=index_type,
+            fp16=fp16,
+            ef_search=ef_search,
+            nprobe=nprobe,
+            search_budget_mb=search_budget_mb,
+            seed=seed,
+        )
+        # anomalib's __init__ sets up everything (components, precision checks) around a
+        # PatchcoreModel; a random-init one is built there (no download) and replaced below, so
+        # no line of it is copied. Hyperparameters are saved from this frame's arguments. The
+        # RNG is restored afterwards, so a random-init backbone gets the weights that anomalib's
+        # Patchcore would get at the same seed.
+        with torch.random.fork_rng(devices=[]):
+            super().__init__(
+                backbone=backbone,
+                layers=layers,
+                pre_trained=False,
+                coreset_sampling_ratio=coreset_sampling_ratio,
+                num_neighbors=num_neighbors,
+                precision=precision,
+                pre_processor=pre_processor,
+                post_processor=post_processor,
+                evaluator=evaluator,
+                visualizer=visualizer,
+            )
+        dtype = next(self.model.feature_extractor.parameters()).dtype  # float32 or float16, as anomalib chose
+        self.model: FaissPatchcoreModel = FaissPatchcoreModel(
+            layers=layers,
+            backbone=backbone,
+            pre_trained=pre_trained,
+            num_neighbors=num_neighbors,
+            bank=bank,
+        ).to(dtype)

@@ -1,0 +1,68 @@
+"""anomalib's ``PatchcoreModel`` with its memory bank replaced by a :class:`FaissMemoryBank`.
+
+Everything else (backbone, layers, feature pooling, embedding, anomaly map, the paper's
+re-weighted image score) is anomalib's code, inherited unchanged. Two methods change:
+``subsample_embedding`` selects the coreset with :func:`greedy_coreset` through the bank, and
+``nearest_neighbors`` searches the bank. ``memory_bank`` reads the bank's buffer, so anomalib's
+scoring code, which indexes ``self.memory_bank``, works as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from anomalib.models.image.patchcore.torch_model import PatchcoreModel
+
+from anomalib_mlff.components.memory_bank import FaissMemoryBank
+
+__all__ = ["FaissPatchcoreModel"]
+
+
+class FaissPatchcoreModel(PatchcoreModel):
+    """PatchCore on a FAISS coreset memory bank.
+
+    Args:
+        layers: backbone layers whose features are concatenated.
+        backbone: timm backbone name.
+        pre_trained: load ImageNet weights for the backbone.
+        num_neighbors: neighbours of the nearest bank vector used by the score re-weighting.
+        bank: the memory bank (search settings live there); default: exact search.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[str],
+        backbone: str = "wide_resnet50_2",
+        pre_trained: bool = True,
+        num_neighbors: int = 9,
+        bank: FaissMemoryBank | None = None,
+    ) -> None:
+        super().__init__(layers=layers, backbone=backbone, pre_trained=pre_trained, num_neighbors=num_neighbors)
+        del self.memory_bank  # anomalib's buffer; the bank's buffer takes its place (see the property)
+        self.bank = bank if bank is not None else FaissMemoryBank()
+
+    @property
+    def memory_bank(self) -> torch.Tensor:
+        """The bank's vectors (``bank.memory_bank``), where anomalib's code expects them."""
+        return self.bank.memory_bank
+
+    @memory_bank.setter
+    def memory_bank(self, vectors: torch.Tensor) -> None:
+        self.bank.set_memory(vectors)
+
+    def subsample_embedding(self, sampling_ratio: float) -> None:
+        """Fit the bank with a greedy coreset of the stored training embeddings."""
+        if len(self.embedding_store) == 0:
+            msg = "Embedding store is empty. Cannot perform coreset selection."
+            raise ValueError(msg)
+        embeddings = torch.vstack(self.embedding_store)
+        self.embedding_store.clear()
+        self.bank.fit(embeddings, sampling_ratio)
+
+    def nearest_neighbors(self, embedding: torch.Tensor, n_neighbors: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bank search with anomalib's output shapes: ``(n,)`` for one neighbour, else ``(n, k)``."""
+        distances, indices = self.bank.search(embedding, n_neighbors)
+        if n_neighbors == 1:
+            return distances.squeeze(1), indices.squeeze(1)
+        return distances, indices
