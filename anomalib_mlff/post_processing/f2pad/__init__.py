@@ -12,6 +12,7 @@ from .prior import PixelPrior
 from .refinement import Refinement, RefinementSettings, refine
 from .scorers import (
     DifferentiableScorer,
+    FaissPatchcoreScorer,
     MemoryBankScorer,
     MissingScorerError,
     PadimScorer,
@@ -25,6 +26,7 @@ __all__ = [
     "ClassicalInpainter",
     "Dice",
     "DifferentiableScorer",
+    "FaissPatchcoreScorer",
     "Inpainter",
     "IoU",
     "MAEInpainter",

@@ -82,10 +82,10 @@ class F2PAD(PostProcessor):
 
     def __init__(
         self,
-        sparsity_weight: float = 2.0,
+        sparsity_weight: float = 0.01,
         log_eps: float = 0.05,
         prior_weight: float = 0.01,
-        smoothness_weight: float = 0.01,
+        smoothness_weight: float = 0.1,
         prior_components: int = 5,
         prior_samples: int = 20000,
         prior_reg_covar: float = 1e-3,
@@ -140,8 +140,7 @@ class F2PAD(PostProcessor):
         self.visualization_dir = Path(visualization_dir) if visualization_dir is not None else None
         self.enabled = enabled
         self.pixel_prior = PixelPrior(n_components=prior_components, reg_covar=prior_reg_covar)
-        self.register_buffer("model_input_size", torch.zeros(2, dtype=torch.long))
-        self.model_input_size: torch.Tensor
+        self.model_input_size: tuple[int, int] | None = None
         self._pixel_samples: list[torch.Tensor] = []
 
     @property
@@ -172,6 +171,26 @@ class F2PAD(PostProcessor):
             "replace_anomaly_map",
             "enabled",
         )
+
+    def checkpoint_config(self) -> dict[str, Any]:
+        """Settings, the fitted pixel prior and the model's input size, as plain data.
+
+        Kept out of the ``state_dict`` so that the checkpoint also loads into a model with a plain
+        ``PostProcessor``, which is what ``anomalib export --ckpt_path`` builds.
+        """
+        return {
+            **super().checkpoint_config(),
+            "pixel_prior": self.pixel_prior.to_config(),
+            "model_input_size": list(self.model_input_size) if self.model_input_size else None,
+        }
+
+    def load_checkpoint_config(self, config: dict[str, Any]) -> None:
+        """Restore what :meth:`checkpoint_config` saved."""
+        super().load_checkpoint_config(config)
+        if config.get("pixel_prior"):
+            self.pixel_prior.load_config(config["pixel_prior"])
+        if config.get("model_input_size"):
+            self.model_input_size = tuple(config["model_input_size"])
 
     # ---------------------------------------------------------------- settings
     def settings(self, tolerance: float) -> RefinementSettings:
@@ -219,7 +238,7 @@ class F2PAD(PostProcessor):
         """Record the model's input size and sample training pixels for the prior."""
         del trainer, outputs, batch_idx
         images = batch.image
-        self.model_input_size.copy_(torch.tensor(images.shape[-2:]))
+        self.model_input_size = (int(images.shape[-2]), int(images.shape[-1]))
         if self.pixel_prior.is_fitted or self._collected() >= self.prior_samples:
             return
         pixels = _pixel_range(pl_module).to_unit(images.detach()).clamp(0, 1)
@@ -286,7 +305,6 @@ class F2PAD(PostProcessor):
         pixel_range = _pixel_range(pl_module)
         scorer = build_scorer(pl_module.model, pixel_range, self.num_candidates)
         tolerance = scorer.tolerance if self.tolerance is None else self.tolerance
-        known_size = tuple(int(v) for v in self.model_input_size.tolist())
         with torch.inference_mode(False), torch.enable_grad():
             images = pixel_range.to_unit(batch.image.clone()).clamp(0, 1)
             initial = self._initial_masks(batch, raw_anomaly_map, images.shape[-2:]).clone()
@@ -297,7 +315,7 @@ class F2PAD(PostProcessor):
                 self.inpainter,
                 self.pixel_prior,
                 self.settings(tolerance),
-                working_size=known_size if all(known_size) else None,
+                working_size=self.model_input_size,
             )
         batch.initial_mask = initial
         batch.pred_mask = result.pred_mask

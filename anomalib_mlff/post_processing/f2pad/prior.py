@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from anomalib.models.components.base import DynamicBufferMixin
 from sklearn.mixture import BayesianGaussianMixture
+from torch import nn
 
 
-class PixelPrior(DynamicBufferMixin):
-    """Equal-weight mixture of Gaussians over pixel colours; stored as buffers so checkpoints keep it.
+class PixelPrior(nn.Module):
+    """Equal-weight mixture of Gaussians over pixel colours.
+
+    Its tensors are non-persistent buffers (they follow the model's device but stay out of its
+    ``state_dict``, so a checkpoint still loads into a model with a plain ``PostProcessor``);
+    checkpoints keep them as plain lists through :meth:`to_config` / :meth:`load_config`.
 
     Args:
         n_components: upper bound on the number of components; variational Bayes switches off the ones
@@ -32,8 +36,8 @@ class PixelPrior(DynamicBufferMixin):
         self.reg_covar = reg_covar
         self.min_weight = min_weight
         self.seed = seed
-        self.register_buffer("means", torch.empty(0))
-        self.register_buffer("precisions", torch.empty(0))
+        self.register_buffer("means", torch.empty(0), persistent=False)
+        self.register_buffer("precisions", torch.empty(0), persistent=False)
         self.means: torch.Tensor
         self.precisions: torch.Tensor
 
@@ -60,6 +64,16 @@ class PixelPrior(DynamicBufferMixin):
         self.means = torch.as_tensor(mixture.means_[keep], dtype=torch.float32, device=device)
         self.precisions = torch.as_tensor(mixture.precisions_[keep], dtype=torch.float32, device=device)
         return self
+
+    def to_config(self) -> dict[str, list]:
+        """The fitted components as plain lists (empty when not fitted)."""
+        return {"means": self.means.tolist(), "precisions": self.precisions.tolist()}
+
+    def load_config(self, config: dict[str, list]) -> None:
+        """Restore components saved by :meth:`to_config`."""
+        device = self.means.device
+        self.means = torch.tensor(config["means"], dtype=torch.float32, device=device)
+        self.precisions = torch.tensor(config["precisions"], dtype=torch.float32, device=device)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Squared Mahalanobis distance of each pixel of ``(B, C, H, W)`` images to its nearest component."""

@@ -31,10 +31,10 @@ from .window import FeatureWindow, dilate, positions_touched
 class RefinementSettings:
     """Everything F2PAD's procedure needs besides the model (pixel units: [0, 1] values, pixels)."""
 
-    sparsity_weight: float = 2.0
+    sparsity_weight: float = 0.01
     log_eps: float = 0.05
     prior_weight: float = 0.01
-    smoothness_weight: float = 0.01
+    smoothness_weight: float = 0.1
     dilation: int = 8
     crop_margin: int = 32
     reach: int = 16

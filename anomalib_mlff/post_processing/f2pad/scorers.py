@@ -16,7 +16,6 @@ from typing import ClassVar
 
 import torch
 from anomalib.models.components import TimmFeatureExtractor
-from anomalib.models.components.feature_extractors import dryrun_find_featuremap_dims
 from torch import nn
 
 from anomalib_mlff.components.normalization import PixelRange
@@ -57,6 +56,9 @@ class DifferentiableScorer(ABC):
     """Default stopping tolerance on the objective's per-iteration decrease (paper: 0.05, PaDiM 0.1)."""
 
     def __init__(self, model: nn.Module, pixel_range: PixelRange) -> None:
+        if getattr(model, "tiler", None) is not None:
+            msg = f"F2PAD cannot refine a tiled {type(model).__name__}: its features would not match the whole image's."
+            raise ValueError(msg)
         self.model = model
         self.pixel_range = pixel_range
         self.stride, self.alignment = self._strides()
@@ -81,8 +83,9 @@ class DifferentiableScorer(ABC):
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """[0, 1] images -> the model's embedding, keeping the graph to the pixels."""
+        dtype = next(self.feature_extractor.parameters()).dtype
         with input_gradients(self.feature_extractor):
-            return self._embed(self.pixel_range.from_unit(images))
+            return self._embed(self.pixel_range.from_unit(images).to(dtype))
 
     def working_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
         """Image size the model can score; models tied to their training grid override this."""
@@ -91,8 +94,10 @@ class DifferentiableScorer(ABC):
     def _strides(self) -> tuple[int, int]:
         """(embedding stride, largest layer stride) in pixels, from a dry run at 256 px."""
         side = 256
-        dims = dryrun_find_featuremap_dims(self.feature_extractor, (side, side), self.layers)
-        strides = [side // int(dims[layer]["resolution"][0]) for layer in self.layers]
+        parameter = next(self.feature_extractor.parameters())
+        with torch.no_grad():
+            features = self.feature_extractor(torch.zeros(1, 3, side, side, dtype=parameter.dtype, device=parameter.device))
+        strides = [side // features[layer].shape[-2] for layer in self.layers]
         return min(strides), max(strides)
 
 
@@ -169,6 +174,22 @@ class PatchcoreScorer(MemoryBankScorer):
         return self.model.memory_bank[indices]
 
 
+class FaissPatchcoreScorer(PatchcoreScorer):
+    """``FaissPatchcoreModel``: PatchCore's embedding, candidates from the FAISS bank's own search."""
+
+    @property
+    def bank_size(self) -> int:
+        """Coreset size of the FAISS bank."""
+        return int(self.model.bank.memory_bank.shape[0])
+
+    def _search(self, queries: torch.Tensor, k: int) -> torch.Tensor:
+        _, indices = self.model.bank.search(queries, k)
+        return indices
+
+    def _entries(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.model.bank.memory_bank[indices]
+
+
 class PadimScorer(DifferentiableScorer):
     """anomalib's ``PadimModel``: squared Mahalanobis distance to each position's Gaussian (paper Eq. 7)."""
 
@@ -237,6 +258,7 @@ class PadimScorer(DifferentiableScorer):
 _SCORERS: dict[str, type[DifferentiableScorer]] = {
     "anomalib.models.image.patchcore.torch_model.PatchcoreModel": PatchcoreScorer,
     "anomalib.models.image.padim.torch_model.PadimModel": PadimScorer,
+    "anomalib_mlff.models.faiss_patchcore.torch_model.FaissPatchcoreModel": FaissPatchcoreScorer,
 }
 
 

@@ -52,16 +52,15 @@ class FeatureWindow:
         if height % alignment or width % alignment:
             return full
         rows, cols = regions.any(2), regions.any(1)
-        boxes = torch.stack([_extent(rows), _extent(cols)], 1)  # (B, 2 axes, [first, last])
-        spans = boxes[..., 1] - boxes[..., 0] + 1 + 2 * margin
+        firsts_lasts = torch.stack([_extent(rows), _extent(cols)], 1)  # (B, 2 axes, [first, last])
+        # aligning an offset down costs up to `alignment - 1` pixels, hence the extra `alignment`
+        spans = firsts_lasts[..., 1] - firsts_lasts[..., 0] + 1 + 2 * margin + alignment
         size = [min(_round_up(int(spans[:, axis].max()), alignment), extent) for axis, extent in enumerate((height, width))]
         if size == [height, width]:
             return full
         limits = torch.tensor([height - size[0], width - size[1]], device=regions.device)
-        centres = (boxes[..., 0] + boxes[..., 1]) // 2
-        starts = (centres - torch.tensor(size, device=regions.device) // 2).clamp(min=0)
-        starts = torch.minimum(starts, limits)
-        offsets = starts // alignment * alignment
+        starts = (firsts_lasts[..., 0] - margin).clamp(min=0) // alignment * alignment
+        offsets = torch.minimum(starts, limits)
         return cls(offsets, (size[0], size[1]), (height, width))
 
     def crop(self, tensor: torch.Tensor) -> torch.Tensor:
