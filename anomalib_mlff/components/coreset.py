@@ -130,15 +130,15 @@ def dense_greedy(features: torch.Tensor, size: int, start: int, progress: bool =
     min_sq = torch.full((count,), math.inf, device=features.device)
     sq = torch.empty_like(min_sq)
     selected = torch.empty(size, dtype=torch.long, device=features.device)
-    index = torch.tensor(start, device=features.device)
+    index = torch.tensor([start], device=features.device)  # (1,): indexing with it never syncs
     with _progress(size, progress) as bar:
         for step in range(size):
-            selected[step] = index
-            torch.addmv(norms, features, features[index], alpha=-2, out=sq)
-            sq += norms[index]
+            selected[step : step + 1] = index
+            torch.addmv(norms, features, features.index_select(0, index).squeeze(0), alpha=-2, out=sq)
+            sq += norms.index_select(0, index)
             torch.minimum(min_sq, sq, out=min_sq)
-            min_sq[index] = -math.inf  # never chosen twice, even among duplicates
-            index = torch.argmax(min_sq)
+            min_sq.index_fill_(0, index, -math.inf)  # never chosen twice, even among duplicates
+            index = torch.argmax(min_sq).unsqueeze(0)
             bar.update()
     return selected
 

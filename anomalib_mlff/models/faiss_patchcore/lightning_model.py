@@ -58,7 +58,7 @@ class FaissPatchcore(Patchcore):
         approximate: bool = False,
         index_type: str = "hnsw",
         fp16: bool = False,
-        ef_search: int = 64,
+        ef_search: int = 32,
         nprobe: int = 16,
         search_budget_mb: float = 256.0,
         seed: int = 0,
