@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 import platform
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -96,7 +97,8 @@ def bench_coreset(device: str) -> None:
     print("| implementation | coreset | seconds | speed-up | coverage radius | radius / anomalib's |")
     print("|---|---|---|---|---|---|")
     print(f"| anomalib KCenterGreedy | {len(theirs)} | {theirs_s:.2f} | 1.0x | {theirs_r:.4f} | 1.000 |")
-    print(f"| greedy_coreset | {len(ours)} | {ours_s:.2f} | {theirs_s / ours_s:.1f}x | {ours_r:.4f} | {ours_r / theirs_r:.3f} |")
+    print(f"| greedy_coreset | {len(ours)} | {ours_s:.2f} | {theirs_s / ours_s:.1f}x | {ours_r:.4f} | "
+          f"{ours_r / theirs_r:.3f} |")
 
 
 def bench_search(device: str, query_images: int) -> None:
@@ -105,15 +107,18 @@ def bench_search(device: str, query_images: int) -> None:
     bank = train[indices].contiguous()
     del train
     test_count = len(list((EMBEDDED_ROOT / "brick" / "test").rglob("*.png")))
-    queries = patchcore_embeddings("wide_resnet50_2", "test", 256, every=max(1, test_count // query_images), device=device)
-    print(f"\n### Search: bank {tuple(bank.shape)} (wide_resnet50_2 layer2+3, 256 px; its coreset took {select_s:.1f} s), "
+    every = max(1, test_count // query_images)
+    queries = patchcore_embeddings("wide_resnet50_2", "test", 256, every=every, device=device)
+    print(f"\n### Search: bank {tuple(bank.shape)} (wide_resnet50_2 layer2+3, 256 px; "
+          f"its coreset took {select_s:.1f} s), "
           f"{len(queries)} queries from {len(queries) // 1024} test images, k=1, {device}\n")
     anomalib_model = PatchcoreModel(layers=list(LAYERS), backbone="resnet18", pre_trained=False).to(device)
     anomalib_model.memory_bank = bank
     anomalib_s, (_, expected) = timed(lambda: anomalib_model.nearest_neighbors(queries, n_neighbors=1), repeats=2)
     print("| search | build s | search s | queries/s | speed-up vs anomalib | recall@1 |")
     print("|---|---|---|---|---|---|")
-    print(f"| anomalib nearest_neighbors (exact) | - | {anomalib_s:.2f} | {len(queries) / anomalib_s:.0f} | 1.0x | 1.0000 |")
+    print(f"| anomalib nearest_neighbors (exact) | - | {anomalib_s:.2f} | {len(queries) / anomalib_s:.0f} | 1.0x | "
+          "1.0000 |")
     for name, options in SEARCH_SETTINGS:
         memory = FaissMemoryBank(**options).set_memory(bank)
         build_s, _ = timed(memory.build_index)
@@ -127,12 +132,15 @@ def bench_search(device: str, query_images: int) -> None:
           f"{anomalib_s / torch_s:.1f}x | {recall:.4f} |")
 
 
-def auroc_of(model_class: type[Patchcore], category: str, coreset_seed: int, **options: Any) -> tuple[float, float]:  # noqa: ANN401
+def auroc_of(
+    model_class: type[Patchcore], category: str, coreset_seed: int, **options: Any  # noqa: ANN401
+) -> tuple[float, float]:
     """Image and pixel AUROC of a 128 px resnet18 model; backbone from seed 0, coreset from ``coreset_seed``."""
     seed_everything(0, verbose=False)
     model = model_class(backbone="resnet18", pre_trained=False, coreset_sampling_ratio=0.1, visualizer=False,
                         pre_processor=model_class.configure_pre_processor(image_size=(128, 128)), **options)
-    engine = Engine(logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir="/tmp/bench_mb")
+    engine = Engine(logger=False, enable_progress_bar=False, enable_model_summary=False,
+                    default_root_dir=tempfile.mkdtemp(prefix="bench_mb_"))
     data = embedded_datamodule(category, train_batch_size=32, eval_batch_size=32)
     seed_everything(coreset_seed, verbose=False)  # anomalib's KCenterGreedy draws from the global RNGs
     engine.fit(model, datamodule=data)

@@ -57,7 +57,12 @@ def test_exact_search_equals_anomalib_nearest_neighbors(k: int) -> None:
 
 @pytest.mark.parametrize(
     "options",
-    [{"index_type": "hnsw"}, {"index_type": "hnsw", "fp16": True}, {"index_type": "ivf"}, {"index_type": "ivf", "fp16": True}],
+    [
+        {"index_type": "hnsw"},
+        {"index_type": "hnsw", "fp16": True},
+        {"index_type": "ivf"},
+        {"index_type": "ivf", "fp16": True},
+    ],
 )
 def test_approximate_search_recall_at_1(options: dict) -> None:
     exact_distances, exact_indices = fitted_bank().search(queries(), 1)

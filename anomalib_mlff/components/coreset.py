@@ -187,7 +187,9 @@ def _lazy_greedy(features: torch.Tensor, size: int, start: int, progress: bool) 
                 block = int(bound.argmax())
                 if seen[block] == step + 1:
                     break
-                bound[block] = _apply_centres(features, norms, min_sq, block, centres, centre_norms, seen[block], step + 1)
+                bound[block] = _apply_centres(
+                    features, norms, min_sq, block, centres, centre_norms, seen[block], step + 1
+                )
                 seen[block] = step + 1
             first = block * BLOCK_SIZE
             index = first + int(min_sq[first : first + BLOCK_SIZE].argmax())

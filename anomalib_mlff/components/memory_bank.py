@@ -192,7 +192,8 @@ class FaissMemoryBank(DynamicBufferMixin, nn.Module):
         if bool(missing.any()):  # an approximate index found fewer than k: answer those rows exactly
             rows = missing.nonzero().squeeze(1)
             exact_distances, exact_indices = self.exact_search(flat_queries[rows].to(self.memory_bank), k)
-            distances[rows], indices[rows] = exact_distances.float().to(distances.device), exact_indices.to(indices.device)
+            distances[rows] = exact_distances.float().to(distances.device)
+            indices[rows] = exact_indices.to(indices.device)
         return distances.to(device=queries.device, dtype=queries.dtype), indices.to(queries.device)
 
     def exact_search(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
