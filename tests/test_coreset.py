@@ -7,6 +7,7 @@ downloaded offline.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import cache
 
 import pytest
@@ -19,6 +20,15 @@ from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 from anomalib_mlff.components import greedy_coreset
 from anomalib_mlff.components.coreset import dense_greedy, lazy_greedy, random_projection
 from anomalib_mlff.data import EMBEDDED_ROOT
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_torch_thread() -> Iterator[None]:
+    """Run these small tests on one torch thread: on a shared 2-core machine threads only contend."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @cache

@@ -20,6 +20,7 @@ from lightning.pytorch import seed_everything
 from anomalib_mlff import FaissPatchcore
 from anomalib_mlff.data import embedded_datamodule
 from anomalib_mlff.deploy import openvino_inferencer
+from tests.test_coreset import single_torch_thread  # noqa: F401 (autouse fixture)
 
 IMAGE_SIZE = (64, 64)
 SEED = 0

@@ -16,7 +16,7 @@ from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 
 from anomalib_mlff.components import FaissMemoryBank
 from anomalib_mlff.components.memory_bank import NotFittedError
-from tests.test_coreset import patch_embeddings
+from tests.test_coreset import patch_embeddings, single_torch_thread  # noqa: F401 (autouse)
 
 
 @cache
