@@ -16,6 +16,7 @@ from anomalib.data.utils import read_image
 from anomalib.models import Patchcore
 from anomalib.models.components import KCenterGreedy
 from anomalib.models.image.patchcore.torch_model import PatchcoreModel
+from lightning.pytorch import seed_everything
 
 from anomalib_mlff.components import greedy_coreset
 from anomalib_mlff.components.coreset import dense_greedy, lazy_greedy, random_projection
@@ -124,3 +125,12 @@ def test_ratio_one_keeps_everything_and_tiny_ratios_keep_one() -> None:
 def test_bad_input_is_a_clear_error(embeddings: torch.Tensor, ratio: float, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         greedy_coreset(embeddings, ratio)
+
+
+def test_seed_none_selects_anomalibs_kcentergreedy_coreset() -> None:
+    """With the global RNGs in the same state, ``seed=None`` picks anomalib's indices in anomalib's order."""
+    embeddings = patch_embeddings()
+    seed_everything(3, verbose=False)
+    expected = KCenterGreedy(embeddings, 0.05).select_coreset_idxs()
+    seed_everything(3, verbose=False)
+    assert greedy_coreset(embeddings, 0.05, seed=None).tolist() == expected

@@ -69,6 +69,15 @@ def test_auroc_equals_anomalib_patchcore_on_the_full_bank() -> None:
         assert ours[key] == pytest.approx(theirs[key], abs=0.005), (key, ours[key], theirs[key])
 
 
+def test_same_seed_gives_anomalib_patchcores_coreset_and_auroc_at_ten_percent() -> None:
+    """Default ``seed=None``: the coreset follows ``seed_everything`` as anomalib's KCenterGreedy does."""
+    ours_model, _, ours = fitted(FaissPatchcore, coreset_sampling_ratio=0.1)
+    theirs_model, _, theirs = fitted(Patchcore, coreset_sampling_ratio=0.1)
+    assert torch.equal(ours_model.model.memory_bank, theirs_model.model.memory_bank)
+    for key in ("image_AUROC", "pixel_AUROC"):
+        assert ours[key] == pytest.approx(theirs[key], abs=0.005), (key, ours[key], theirs[key])
+
+
 def test_coreset_fit_keeps_ten_percent_and_approximate_search_keeps_the_auroc() -> None:
     exact_model, _, exact = fitted(FaissPatchcore, coreset_sampling_ratio=0.1)
     approximate_model, _, approximate = fitted(FaissPatchcore, coreset_sampling_ratio=0.1, approximate=True)

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
+from anomalib.models.components.dimensionality_reduction import SparseRandomProjection
 from sklearn.random_projection import johnson_lindenstrauss_min_dim
 from tqdm.auto import tqdm
 
@@ -37,7 +38,15 @@ CENTRE_CHUNK = 1024
 # Seconds a selection runs before its progress bar appears (short runs stay quiet).
 PROGRESS_DELAY_S = 2.0
 
-__all__ = ["coreset_size", "dense_greedy", "greedy_coreset", "lazy_greedy", "random_projection", "validate_embeddings"]
+__all__ = [
+    "anomalib_projection",
+    "coreset_size",
+    "dense_greedy",
+    "greedy_coreset",
+    "lazy_greedy",
+    "random_projection",
+    "validate_embeddings",
+]
 
 
 def validate_embeddings(embeddings: torch.Tensor, name: str = "embeddings") -> None:
@@ -85,10 +94,16 @@ def random_projection(embeddings: torch.Tensor, generator: torch.Generator) -> t
     return (embeddings.float() @ matrix.to(embeddings.device)).contiguous()
 
 
+def anomalib_projection(embeddings: torch.Tensor) -> torch.Tensor:
+    """anomalib's own sparse random projection (``eps=0.9``), drawn from the global RNGs, as float32."""
+    projection = SparseRandomProjection(eps=PROJECTION_EPS).fit(embeddings)
+    return projection.transform(embeddings).float().contiguous()
+
+
 def greedy_coreset(
     embeddings: torch.Tensor,
     sampling_ratio: float,
-    seed: int = 0,
+    seed: int | None = 0,
     progress: bool = True,
 ) -> torch.Tensor:
     """Indices of a greedy k-center coreset of ``embeddings``, the random start first.
@@ -96,7 +111,9 @@ def greedy_coreset(
     Args:
         embeddings: ``(count, dim)`` float tensor, on CPU or GPU.
         sampling_ratio: share of embeddings to keep, in (0, 1].
-        seed: seeds the random projection and the start.
+        seed: seeds the random projection and the start. ``None`` draws both from the global RNGs
+            exactly as anomalib's ``KCenterGreedy`` does (its ``SparseRandomProjection`` and
+            ``torch.randint``), so under the same ``seed_everything`` the coreset is anomalib's.
         progress: show a progress bar when the selection runs longer than a few seconds.
 
     Returns:
@@ -108,9 +125,13 @@ def greedy_coreset(
     size = coreset_size(count, sampling_ratio)
     if size == count:
         return torch.arange(count, device=embeddings.device)
-    generator = torch.Generator().manual_seed(seed)
-    features = random_projection(embeddings, generator)
-    start = int(torch.randint(count, (1,), generator=generator))
+    if seed is None:
+        features = anomalib_projection(embeddings)
+        start = int(torch.randint(high=count, size=(1,), device=features.device))
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        features = random_projection(embeddings, generator)
+        start = int(torch.randint(count, (1,), generator=generator))
     select = dense_greedy if features.is_cuda else lazy_greedy
     return select(features, size, start, progress)
 

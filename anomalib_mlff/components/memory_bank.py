@@ -83,7 +83,8 @@ class FaissMemoryBank(DynamicBufferMixin, nn.Module):
         nlist: IVF lists; default ``4 * sqrt(bank size)``, at most one per 39 vectors.
         nprobe: IVF lists visited per query (recall vs speed).
         search_budget_mb: most memory one query-by-bank distance block may take in torch search.
-        seed: seeds the coreset and IVF training.
+        seed: seeds the coreset and IVF training; ``None``: the coreset follows the global RNGs
+            exactly as anomalib's ``KCenterGreedy`` (see :func:`greedy_coreset`), IVF uses 0.
         progress: show a progress bar on long coreset selections.
 
     Example:
@@ -106,7 +107,7 @@ class FaissMemoryBank(DynamicBufferMixin, nn.Module):
         nlist: int | None = None,
         nprobe: int = 16,
         search_budget_mb: float = 256.0,
-        seed: int = 0,
+        seed: int | None = 0,
         progress: bool = True,
     ) -> None:
         super().__init__()
@@ -295,7 +296,7 @@ class FaissMemoryBank(DynamicBufferMixin, nn.Module):
             index = faiss.IndexIVFScalarQuantizer(quantizer, dim, lists, faiss.ScalarQuantizer.QT_fp16)
         else:
             index = faiss.IndexIVFFlat(quantizer, dim, lists)
-        index.cp.seed = self.seed
+        index.cp.seed = 0 if self.seed is None else self.seed
         index.nprobe = min(self.nprobe, lists)
         return index
 

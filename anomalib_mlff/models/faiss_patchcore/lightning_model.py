@@ -44,7 +44,9 @@ class FaissPatchcore(Patchcore):
         fp16: float16 storage in the approximate index.
         ef_search: HNSW search breadth; nprobe: IVF lists visited per query.
         search_budget_mb: memory cap of one distance block in torch search (export, CUDA without faiss-gpu).
-        seed: seeds the coreset's random projection and start.
+        seed: seeds the coreset's random projection and start. ``None`` (default): both come from
+            the global RNGs as in anomalib's ``KCenterGreedy``, so under the same ``seed_everything``
+            the coreset, and the scores, are anomalib Patchcore's.
         pre_processor, post_processor, evaluator, visualizer: anomalib components.
     """
 
@@ -61,7 +63,7 @@ class FaissPatchcore(Patchcore):
         ef_search: int = 32,
         nprobe: int = 16,
         search_budget_mb: float = 256.0,
-        seed: int = 0,
+        seed: int | None = None,
         precision: str | PrecisionType = PrecisionType.FLOAT32,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
