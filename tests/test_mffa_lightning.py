@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -16,35 +15,14 @@ from lightning.pytorch import Callback, seed_everything
 from PIL import Image
 
 from anomalib_mlff.data import EMBEDDED_ROOT
-from anomalib_mlff.deploy import openvino_inferencer
 from anomalib_mlff.models.mffa import MFFA
+from tests import lightning_helpers as helpers
 from tests.conftest import REPO_ROOT, VENV_BIN
-
-IMAGE_SIZE = 64
 
 
 def tiny_mffa(**overrides: object) -> MFFA:
     """Random-initialised resnet18 + cait_xxs24_224 MFFA small enough for a unit test."""
-    settings = {
-        "backbone": "resnet18",
-        "pre_trained": False,
-        "cait_backbone": "cait_xxs24_224",
-        "n_gaussian_features": 48,
-        "psg_epochs": 1,
-        "learning_rate": 0.01,
-        "visualizer": False,
-        "pre_processor": MFFA.configure_pre_processor(image_size=(IMAGE_SIZE, IMAGE_SIZE)),
-    }
-    settings.update(overrides)
-    return MFFA(**settings)
-
-
-def datamodule(root: Path = EMBEDDED_ROOT, category: str = "brick") -> MVTecAD:
-    return MVTecAD(root=root, category=category, train_batch_size=16, eval_batch_size=16, num_workers=0)
-
-
-def quiet_engine(root: Path) -> Engine:
-    return Engine(default_root_dir=root, logger=False, enable_progress_bar=False)
+    return helpers.tiny_model(MFFA, cait_backbone="cait_xxs24_224", n_gaussian_features=48, psg_epochs=1, **overrides)
 
 
 class PhaseLog(Callback):
@@ -71,8 +49,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[MFFA, Engine, Pha
     model = tiny_mffa()
     initial_backbone = {k: v.clone() for k, v in model.model.feature_extractor.state_dict().items()}
     root = tmp_path_factory.mktemp("mffa")
-    engine = Engine(default_root_dir=root, logger=False, enable_progress_bar=False, callbacks=[log])
-    data = datamodule()
+    engine = helpers.quiet_engine(root, callbacks=[log])
+    data = helpers.datamodule()
     engine.fit(model, datamodule=data)
     return model, engine, log, data, initial_backbone
 
@@ -100,22 +78,13 @@ def test_test_metrics_are_reported(trained) -> None:  # noqa: ANN001
         assert 0.0 <= metrics[key] <= 1.0
 
 
-def predict_maps(model: MFFA, images: torch.Tensor) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(images).anomaly_map
-
-
 def test_checkpoint_round_trip_gives_identical_maps(trained, tmp_path: Path) -> None:  # noqa: ANN001
     model, engine, _, data, _ = trained
-    path = tmp_path / "mffa.ckpt"
-    engine.trainer.save_checkpoint(path)
-    restored = MFFA.load_from_checkpoint(path)
+    images = helpers.pick_test_images(data, count=4)
+    restored = helpers.checkpoint_round_trip(model, engine, tmp_path / "mffa.ckpt", images)
     assert restored.model.is_fitted
     for key in ("lgffp.deep_channel_index", "gaussian.feature_index"):
         assert torch.equal(restored.model.state_dict()[key], model.model.state_dict()[key])
-    images = torch.stack([data.test_data[i].image for i in range(4)])
-    torch.testing.assert_close(predict_maps(restored, images), predict_maps(model, images), rtol=0, atol=0)
 
 
 def test_onnx_and_openvino_exports_match_torch_at_f32(trained, tmp_path: Path) -> None:  # noqa: ANN001
@@ -125,49 +94,37 @@ def test_onnx_and_openvino_exports_match_torch_at_f32(trained, tmp_path: Path) -
     assert onnx_path.suffix == ".onnx"
     ir_path = tmp_path / "model.xml"
     ov.save_model(ov.convert_model(onnx_path), ir_path, compress_to_fp16=False)
-    images = torch.stack([data.test_data[i].image for i in range(0, len(data.test_data), 9)])
-    expected = predict_maps(model, images)
-    for path in (onnx_path, ir_path):
-        inferencer = openvino_inferencer(path)
-        for index in range(images.shape[0]):  # one image at a time: the exported batch size is not fixed
-            result = inferencer.predict(images[index : index + 1])
-            np.testing.assert_allclose(np.asarray(result.anomaly_map), expected[index : index + 1].numpy(), atol=1e-4)
+    helpers.assert_exports_match(model, [onnx_path, ir_path], helpers.pick_test_images(data, step=9))
 
 
 def test_single_training_image_is_a_clear_error(tmp_path: Path) -> None:
-    folder = small_copy(tmp_path, n_train=1)
+    folder = helpers.small_copy(tmp_path, n_train=1)
     with pytest.raises(ValueError, match=r"category=brick.*1 image.*at least 2"):
-        quiet_engine(tmp_path).fit(tiny_mffa(), datamodule=datamodule(folder.parent, "brick"))
+        helpers.quiet_engine(tmp_path).fit(tiny_mffa(), datamodule=helpers.datamodule(folder.parent, "brick"))
 
 
 def test_empty_training_folder_names_the_dataset(tmp_path: Path) -> None:
-    folder = small_copy(tmp_path, n_train=0)
+    folder = helpers.small_copy(tmp_path, n_train=0)
     with pytest.raises(ValueError, match=r"category=brick.*0 image"):
-        quiet_engine(tmp_path).fit(tiny_mffa(), datamodule=datamodule(folder.parent, "brick"))
+        helpers.quiet_engine(tmp_path).fit(tiny_mffa(), datamodule=helpers.datamodule(folder.parent, "brick"))
 
 
-def small_copy(tmp_path: Path, n_train: int) -> Path:
-    """A copy of the brick category with only ``n_train`` training images."""
-    target = tmp_path / "brick"
-    (target / "train" / "good").mkdir(parents=True)
-    for source in sorted((EMBEDDED_ROOT / "brick" / "train" / "good").glob("*.png"))[:n_train]:
-        shutil.copy(source, target / "train" / "good")
-    shutil.copytree(EMBEDDED_ROOT / "brick" / "test", target / "test")
-    shutil.copytree(EMBEDDED_ROOT / "brick" / "ground_truth", target / "ground_truth")
-    return target
+def test_unknown_argument_names_both_classes() -> None:
+    with pytest.raises(TypeError, match=r"bakbone.*MFFA or MFFAModel"):
+        tiny_mffa(bakbone="resnet18")
 
 
 def test_rgba_grayscale_and_odd_sized_images_fit_in_one_pass(tmp_path: Path) -> None:
     """Without PSG, training is one pass (like PaDiM); anomalib's reader and resize handle odd images."""
-    folder = small_copy(tmp_path, n_train=4)
+    folder = helpers.small_copy(tmp_path, n_train=4)
     gray = Image.open(next((folder / "train" / "good").glob("*.png")))
     assert gray.mode == "L"
     rgba = gray.resize((100, 77)).convert("RGBA")
     rgba.putalpha(128)
     rgba.save(folder / "train" / "good" / "rgba.png")
     model = tiny_mffa(use_psg=False)
-    engine = quiet_engine(tmp_path)
-    engine.fit(model, datamodule=datamodule(folder.parent, "brick"))
+    engine = helpers.quiet_engine(tmp_path)
+    engine.fit(model, datamodule=helpers.datamodule(folder.parent, "brick"))
     assert engine.trainer.max_epochs == 1
     assert model.model.is_fitted and model.model.psg_head is None
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -15,32 +14,14 @@ from lightning.pytorch import Callback, seed_everything
 from PIL import Image
 
 from anomalib_mlff.data import EMBEDDED_ROOT
-from anomalib_mlff.deploy import openvino_inferencer
 from anomalib_mlff.models.mlff import MLFF
+from tests import lightning_helpers as helpers
 from tests.conftest import REPO_ROOT, VENV_BIN
-
-IMAGE_SIZE = 64
 
 
 def tiny_mlff(**overrides: object) -> MLFF:
     """Random-initialised resnet18 MLFF small enough for a unit test."""
-    settings = {
-        "backbone": "resnet18",
-        "pre_trained": False,
-        "feature_dim": 32,
-        "tem_levels": 8,
-        "ptfem_levels": 4,
-        "repeat": 1,
-        "learning_rate": 0.01,
-        "visualizer": False,
-        "pre_processor": MLFF.configure_pre_processor(image_size=(IMAGE_SIZE, IMAGE_SIZE)),
-    }
-    settings.update(overrides)
-    return MLFF(**settings)
-
-
-def datamodule(root: Path = EMBEDDED_ROOT, category: str = "brick") -> MVTecAD:
-    return MVTecAD(root=root, category=category, train_batch_size=16, eval_batch_size=16, num_workers=0)
+    return helpers.tiny_model(MLFF, feature_dim=32, tem_levels=8, ptfem_levels=4, repeat=1, **overrides)
 
 
 class LossHistory(Callback):
@@ -58,14 +39,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[MLFF, Engine, Los
     seed_everything(0)
     history = LossHistory()
     model = tiny_mlff()
-    engine = Engine(
-        default_root_dir=tmp_path_factory.mktemp("mlff"),
-        max_epochs=4,
-        logger=False,
-        enable_progress_bar=False,
-        callbacks=[history],
-    )
-    data = datamodule()
+    engine = helpers.quiet_engine(tmp_path_factory.mktemp("mlff"), max_epochs=4, callbacks=[history])
+    data = helpers.datamodule()
     engine.fit(model, datamodule=data)
     return model, engine, history, data
 
@@ -84,77 +59,50 @@ def test_test_metrics_are_reported(trained) -> None:  # noqa: ANN001
         assert 0.0 <= metrics[key] <= 1.0
 
 
-def predict_maps(model: MLFF, images: torch.Tensor) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(images).anomaly_map
-
-
 def test_checkpoint_round_trip_gives_identical_maps(trained, tmp_path: Path) -> None:  # noqa: ANN001
     model, engine, _, data = trained
-    path = tmp_path / "mlff.ckpt"
-    engine.trainer.save_checkpoint(path)
-    restored = MLFF.load_from_checkpoint(path)
-    images = torch.stack([data.test_data[i].image for i in range(4)])
-    torch.testing.assert_close(predict_maps(restored, images), predict_maps(model, images), rtol=0, atol=0)
+    images = helpers.pick_test_images(data, count=4)
+    restored = helpers.checkpoint_round_trip(model, engine, tmp_path / "mlff.ckpt", images)
+    assert restored.hparams["feature_dim"] == 32 and restored.hparams["use_stl"] is True  # all model args recorded
 
 
 def test_openvino_export_matches_torch_at_f32(trained, tmp_path: Path) -> None:  # noqa: ANN001
     model, engine, _, data = trained
     exported = engine.export(model, export_type="openvino", export_root=tmp_path)
-    inferencer = openvino_inferencer(exported)
-    images = torch.stack([data.test_data[i].image for i in range(0, len(data.test_data), 9)])
-    expected = predict_maps(model, images)
-    for index in range(images.shape[0]):
-        result = inferencer.predict(images[index : index + 1])
-        np.testing.assert_allclose(np.asarray(result.anomaly_map), expected[index : index + 1].numpy(), atol=1e-4)
+    helpers.assert_exports_match(model, [exported], helpers.pick_test_images(data, step=9))
 
 
 def test_empty_training_folder_names_the_dataset(tmp_path: Path) -> None:
-    (tmp_path / "part" / "train" / "good").mkdir(parents=True)
-    shutil.copytree(EMBEDDED_ROOT / "brick" / "test", tmp_path / "part" / "test")
-    shutil.copytree(EMBEDDED_ROOT / "brick" / "ground_truth", tmp_path / "part" / "ground_truth")
-    engine = Engine(default_root_dir=tmp_path, max_epochs=1, logger=False, enable_progress_bar=False)
-    with pytest.raises(ValueError, match=r"category=part.*0 image"):
-        engine.fit(tiny_mlff(), datamodule=datamodule(tmp_path, "part"))
-
-
-def small_copy(tmp_path: Path, n_train: int = 6) -> Path:
-    """A copy of the brick category with only a few training images."""
-    target = tmp_path / "brick"
-    (target / "train" / "good").mkdir(parents=True)
-    for source in sorted((EMBEDDED_ROOT / "brick" / "train" / "good").glob("*.png"))[:n_train]:
-        shutil.copy(source, target / "train" / "good")
-    shutil.copytree(EMBEDDED_ROOT / "brick" / "test", target / "test")
-    shutil.copytree(EMBEDDED_ROOT / "brick" / "ground_truth", target / "ground_truth")
-    return target
+    folder = helpers.small_copy(tmp_path, n_train=0)
+    with pytest.raises(ValueError, match=r"category=brick.*0 image"):
+        helpers.quiet_engine(tmp_path).fit(tiny_mlff(), datamodule=helpers.datamodule(folder.parent, "brick"))
 
 
 def test_corrupt_training_image_is_named(tmp_path: Path) -> None:
-    folder = small_copy(tmp_path)
+    folder = helpers.small_copy(tmp_path, n_train=6)
     (folder / "train" / "good" / "broken.png").write_bytes(b"not a png")
-    engine = Engine(default_root_dir=tmp_path, max_epochs=1, logger=False, enable_progress_bar=False)
+    engine = helpers.quiet_engine(tmp_path, max_epochs=1)
     with pytest.raises(Exception, match="broken.png"):
-        engine.fit(tiny_mlff(), datamodule=datamodule(tmp_path, "brick"))
+        engine.fit(tiny_mlff(), datamodule=helpers.datamodule(tmp_path, "brick"))
 
 
 def test_rgba_and_grayscale_images_train(tmp_path: Path) -> None:
-    folder = small_copy(tmp_path)
+    folder = helpers.small_copy(tmp_path, n_train=6)
     gray = Image.open(next((folder / "train" / "good").glob("*.png")))
     assert gray.mode == "L"
     rgba = gray.convert("RGBA")
     rgba.putalpha(128)
     rgba.save(folder / "train" / "good" / "rgba.png")
-    engine = Engine(default_root_dir=tmp_path, max_epochs=1, logger=False, enable_progress_bar=False)
+    engine = helpers.quiet_engine(tmp_path, max_epochs=1)
     model = tiny_mlff()
-    engine.fit(model, datamodule=datamodule(tmp_path, "brick"))
+    engine.fit(model, datamodule=helpers.datamodule(tmp_path, "brick"))
     assert torch.isfinite(torch.tensor(float(engine.trainer.callback_metrics["train_loss_epoch"])))
 
 
 def test_nan_images_raise_a_clear_error() -> None:
     model = tiny_mlff()
     model.eval()
-    images = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    images = torch.zeros(1, 3, helpers.IMAGE_SIZE, helpers.IMAGE_SIZE)
     images[0, 0, 3, 3] = float("nan")
     with pytest.raises(ValueError, match="(?i)nan"):
         model.model(images)

@@ -23,22 +23,18 @@ Example:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from typing import Any
 
 import torch
-from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
-from anomalib.post_processing import PostProcessor
-from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
-from anomalib_mlff.components.data_checks import describe_datamodule, require_training_images
-from anomalib_mlff.components.normalization import PixelRange
+from anomalib_mlff.components.data_checks import describe_datamodule
+from anomalib_mlff.components.lightning import PseudoAnomalyMixin
 
 from .gaussian import MIN_GAUSSIAN_IMAGES
 from .loss import PSGLoss
@@ -50,53 +46,37 @@ logger = logging.getLogger(__name__)
 __all__ = ["MFFA"]
 
 
-class MFFA(AnomalibModule):
+class MFFA(PseudoAnomalyMixin, AnomalibModule):
     """MFFA: PSG fine-tuning, LGFFP (CaiT) features, NNS x Gaussian anomaly maps.
 
     Args:
-        backbone, layers, pre_trained, weights_path: the CNN (paper: ImageNet WideResNet-50 layers 1-3).
-        cait_backbone, cait_blocks, cait_weights_path: LGFFP's CaiT (paper: a 768-wide CaiT, 11 blocks).
-        use_nns, use_gaussian, use_lgffp, use_psg: the paper's ablation switches (Tables 1 and 2).
-        coreset_ratio: memory-bank share of the training patches (paper: 0.01).
-        n_gaussian_features: randomly selected Gaussian dimensions (paper: 570).
-        grid_layer: resolution of LGFFP and the Gaussians (default ``layers[0]``).
-        blur_sigma: AMC smoothing (paper: 4).
-        approximate_search: approximate FAISS search in the NNS branch.
         psg_epochs: PSG fine-tuning epochs (paper: 64); the fill pass is one more epoch.
         learning_rate, momentum, weight_decay: PSG's SGD (paper: 3e-4, 0.9, 3e-5).
-        seed: random channel/dimension selections and PSG's pseudo anomalies.
         pre_processor, post_processor, evaluator, visualizer: anomalib components.
+        **model_args: :class:`MFFAModel`'s arguments, keyword only, with its defaults (the paper's):
+            ``backbone``, ``layers``, ``pre_trained``, ``weights_path`` (the CNN: ImageNet
+            WideResNet-50 layers 1-3); ``cait_backbone``, ``cait_blocks``, ``cait_weights_path``
+            (LGFFP's CaiT: 768 wide, 11 blocks); ``use_nns``, ``use_gaussian``, ``use_lgffp``,
+            ``use_psg`` (the ablation switches of Tables 1 and 2); ``coreset_ratio`` (0.01),
+            ``n_gaussian_features`` (570), ``grid_layer``, ``blur_sigma`` (4),
+            ``approximate_search``; ``seed`` (random selections, coreset, and here PSG's pseudo
+            anomalies). ``anomalib train --model MFFA --model.backbone resnet18`` sets them as any other.
 
     The paper's batch size (32) is the datamodule's ``train_batch_size``.
     """
 
     def __init__(
         self,
-        backbone: str = "wide_resnet50_2",
-        layers: Sequence[str] = ("layer1", "layer2", "layer3"),
-        pre_trained: bool = True,
-        weights_path: str | None = None,
-        cait_backbone: str = "cait_m36_384",
-        cait_blocks: int = 11,
-        cait_weights_path: str | None = None,
-        use_nns: bool = True,
-        use_gaussian: bool = True,
-        use_lgffp: bool = True,
-        use_psg: bool = True,
-        coreset_ratio: float = 0.01,
-        n_gaussian_features: int = 570,
-        grid_layer: str = "layer1",
-        blur_sigma: float = 4.0,
-        approximate_search: bool = False,
+        *,
         psg_epochs: int = 64,
         learning_rate: float = 3e-4,
         momentum: float = 0.9,
         weight_decay: float = 3e-5,
-        seed: int = 0,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
+        **model_args: Any,  # noqa: ANN401 - MFFAModel's arguments
     ) -> None:
         super().__init__(
             pre_processor=pre_processor,
@@ -104,51 +84,23 @@ class MFFA(AnomalibModule):
             evaluator=evaluator,
             visualizer=visualizer,
         )
-        if use_psg and (not isinstance(psg_epochs, int) or psg_epochs < 1):
+        self.set_sgd(learning_rate, momentum, weight_decay)
+        self.record_model_args(MFFAModel, model_args)
+        self.model = MFFAModel(**model_args)
+        self.use_psg = self.model.psg_head is not None
+        if self.use_psg and (not isinstance(psg_epochs, int) or psg_epochs < 1):
             msg = f"psg_epochs must be a positive integer with use_psg=True, got psg_epochs={psg_epochs!r}."
             raise ValueError(msg)
-        for name, value in (("learning_rate", learning_rate), ("weight_decay", weight_decay), ("momentum", momentum)):
-            if value < 0:
-                msg = f"{name} must be >= 0, got {name}={value}."
-                raise ValueError(msg)
-        self.model = MFFAModel(
-            backbone=backbone,
-            layers=layers,
-            pre_trained=pre_trained,
-            weights_path=weights_path,
-            cait_backbone=cait_backbone,
-            cait_blocks=cait_blocks,
-            cait_weights_path=cait_weights_path,
-            use_nns=use_nns,
-            use_gaussian=use_gaussian,
-            use_lgffp=use_lgffp,
-            use_psg=use_psg,
-            coreset_ratio=coreset_ratio,
-            n_gaussian_features=n_gaussian_features,
-            grid_layer=grid_layer,
-            blur_sigma=blur_sigma,
-            approximate_search=approximate_search,
-            seed=seed,
-        )
         self.loss = PSGLoss()
-        self.use_psg = use_psg
-        self.psg_epochs = psg_epochs if use_psg else 0
-        self.learning_rate = learning_rate
-        self.momentum = momentum
-        self.weight_decay = weight_decay
-        self.seed = seed
-        self._pseudo_generator = torch.Generator().manual_seed(seed)
+        self.psg_epochs = psg_epochs if self.use_psg else 0
+        self.seed = self.model.seed
+        self._pseudo_generator = torch.Generator().manual_seed(self.seed)
         self._collected: list[MFFAEmbeddings] = []
 
     # ------------------------------------------------------------------ set-up
     def configure_optimizers(self) -> torch.optim.Optimizer | None:
         """PSG's SGD over the backbone and the classifier; nothing to optimise without PSG."""
-        if not self.use_psg:
-            return None
-        parameters = [p for p in self.model.parameters() if p.requires_grad]
-        return torch.optim.SGD(
-            parameters, lr=self.learning_rate, momentum=self.momentum, weight_decay=self.weight_decay
-        )
+        return super().configure_optimizers() if self.use_psg else None
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:
@@ -156,33 +108,18 @@ class MFFA(AnomalibModule):
         epochs = self.psg_epochs + 1
         return {"max_epochs": epochs, "check_val_every_n_epoch": epochs, "num_sanity_val_steps": 0, "devices": 1}
 
-    @property
-    def learning_type(self) -> LearningType:
-        """Trained on normal images only (PSG's pseudo anomalies are synthesised): one-class."""
-        return LearningType.ONE_CLASS
-
-    @staticmethod
-    def configure_post_processor() -> PostProcessor:
-        """anomalib's default: F1-adaptive thresholds and min-max score normalisation."""
-        return PostProcessor()
-
-    def _pixel_range(self) -> PixelRange:
-        """How images in the batch map to [0, 1] (the pre-processor's normalisation, if any)."""
-        transform = self.pre_processor.transform if isinstance(self.pre_processor, PreProcessor) else None
-        return PixelRange.from_transform(transform)
-
     # ------------------------------------------------------------------ training
     def _in_fill_epoch(self) -> bool:
         return self.current_epoch >= self.psg_epochs
 
     def on_fit_start(self) -> None:
         """Fail early, naming the dataset, when there are too few training images; reset the PSG draws."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        count = require_training_images(datamodule) if datamodule is not None else -1
+        count = self.count_training_images()
         if self.model.gaussian is not None and 0 <= count < MIN_GAUSSIAN_IMAGES:
             msg = (
-                f"The training set of {describe_datamodule(datamodule)} has {count} image; MFFA's Gaussian branch "
-                f"needs at least {MIN_GAUSSIAN_IMAGES} to estimate a covariance. Add images or set use_gaussian=False."
+                f"The training set of {describe_datamodule(self.trainer.datamodule)} has {count} image; MFFA's "
+                f"Gaussian branch needs at least {MIN_GAUSSIAN_IMAGES} to estimate a covariance. Add images or set "
+                "use_gaussian=False."
             )
             raise ValueError(msg)
         self._pseudo_generator.manual_seed(self.seed)
@@ -265,9 +202,3 @@ class MFFA(AnomalibModule):
     def on_predict_start(self) -> None:
         """Prediction needs fitted branches."""
         self._require_fitted()
-
-    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Predict on the validation batch; thresholds and normalisation are fitted from these."""
-        del args, kwargs
-        predictions = self.model(batch.image)
-        return batch.update(**predictions._asdict())

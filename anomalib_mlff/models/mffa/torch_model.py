@@ -96,6 +96,7 @@ class MFFAModel(nn.Module):
             raise ValueError(msg)
         self.layers = layers
         self.grid_layer = grid_layer
+        self.seed = seed
         self.feature_extractor = build_feature_extractor(
             backbone, layers, pre_trained=pre_trained, weights_path=weights_path, requires_grad=use_psg
         )

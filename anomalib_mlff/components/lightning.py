@@ -1,0 +1,104 @@
+"""Lightning plumbing shared by the models trained with SGD on synthesised pseudo anomalies (MLFF, MFFA).
+
+:class:`PseudoAnomalyMixin` goes before ``AnomalibModule`` in a model's bases
+(``class MLFF(PseudoAnomalyMixin, AnomalibModule)``), so the model stays a direct subclass of
+``AnomalibModule`` (anomalib's ``get_model("mlff")`` looks only at those). It has no
+``__init__``; the model's ``__init__`` calls :meth:`~PseudoAnomalyMixin.set_sgd` and
+:meth:`~PseudoAnomalyMixin.record_model_args`. It
+
+- checks and stores the SGD settings and optimises the trainable parameters with SGD;
+- records every argument of the torch model, defaults included, in the hyperparameters (the
+  Lightning module takes them as ``**model_args`` and calls the torch model class with them, so
+  the torch model's signature is the one place they are written; jsonargparse, i.e.
+  ``anomalib train --model.<arg>``, reads them from that call);
+- maps batches between the pre-processor's normalised space and [0, 1] pixels (pseudo anomalies
+  are drawn on [0, 1] images);
+- fails early, naming the dataset, when there are no training images;
+- predicts in validation (thresholds and normalisation are fitted from those predictions), is
+  one-class and uses anomalib's default post-processor.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
+from anomalib.post_processing import PostProcessor
+from anomalib.pre_processing import PreProcessor
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import nn
+
+from anomalib_mlff.components.data_checks import require_training_images
+from anomalib_mlff.components.normalization import PixelRange
+
+__all__ = ["PseudoAnomalyMixin"]
+
+
+class PseudoAnomalyMixin:
+    """Methods of a one-class ``AnomalibModule`` trained by SGD on pseudo anomalies; ``self.model``: the torch model."""
+
+    def set_sgd(self, learning_rate: float, momentum: float, weight_decay: float) -> None:
+        """Check (each >= 0) and store the SGD settings."""
+        for name, value in (("learning_rate", learning_rate), ("weight_decay", weight_decay), ("momentum", momentum)):
+            if value < 0:
+                msg = f"{name} must be >= 0, got {name}={value}."
+                raise ValueError(msg)
+        self.learning_rate = learning_rate
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+
+    def record_model_args(self, model_class: type[nn.Module], model_args: dict[str, Any]) -> None:
+        """Put every argument of ``model_class(**model_args)``, defaults included, into ``self.hparams``.
+
+        An argument ``model_class`` does not take is a ``TypeError`` naming both classes.
+        """
+        try:
+            bound = inspect.signature(model_class).bind(**model_args)
+        except TypeError as error:
+            name = type(self).__name__
+            msg = f"{name}: {error} (not an argument of {name} or {model_class.__name__})."
+            raise TypeError(msg) from error
+        bound.apply_defaults()
+        self.hparams.update(bound.arguments)
+
+    # ------------------------------------------------------------------ training
+    def configure_optimizers(self) -> torch.optim.Optimizer | None:
+        """SGD over the trainable parameters."""
+        parameters = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.optim.SGD(
+            parameters, lr=self.learning_rate, momentum=self.momentum, weight_decay=self.weight_decay
+        )
+
+    def count_training_images(self) -> int:
+        """Training images of the trainer's datamodule (-1: unknown); ``ValueError`` naming it when there are none."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        return require_training_images(datamodule) if datamodule is not None else -1
+
+    def on_fit_start(self) -> None:
+        """Fail early, naming the dataset, when there is nothing to train on."""
+        self.count_training_images()
+
+    def _pixel_range(self) -> PixelRange:
+        """How images in the batch map to [0, 1] (the pre-processor's normalisation, if any)."""
+        transform = self.pre_processor.transform if isinstance(self.pre_processor, PreProcessor) else None
+        return PixelRange.from_transform(transform)
+
+    # ------------------------------------------------------------------ evaluation
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Predict on the validation batch; thresholds and normalisation are fitted from these."""
+        del args, kwargs
+        predictions = self.model(batch.image)
+        return batch.update(**predictions._asdict())
+
+    @property
+    def learning_type(self) -> LearningType:
+        """Trained on normal images only (pseudo anomalies are synthesised): one-class."""
+        return LearningType.ONE_CLASS
+
+    @staticmethod
+    def configure_post_processor() -> PostProcessor:
+        """anomalib's default: F1-adaptive thresholds and min-max score normalisation."""
+        return PostProcessor()
