@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 from torch.nn import functional as F  # noqa: N812
 
 from anomalib_mlff.models.mffa import MFFAModel
 from anomalib_mlff.models.mffa.anomaly_map import AnomalyMapGenerator, blur_kernel_size
 from anomalib_mlff.models.mffa.gaussian import GaussianBranch
-from anomalib_mlff.models.mffa.lgffp import LGFFP
+from anomalib_mlff.models.mffa import lgffp as lgffp_module
+from anomalib_mlff.models.mffa.lgffp import LGFFP, BlockedTalkingHeadsAttention
 from anomalib_mlff.models.mffa.loss import PSGLoss
 from anomalib_mlff.models.mffa.nns import NNSBranch
 from anomalib_mlff.models.mffa.psg import pseudo_sample_batch
@@ -66,6 +68,32 @@ def test_lgffp_is_fused_features_plus_resampled_positions_through_cait_blocks() 
         torch.testing.assert_close(lgffp(shallow, middle, deep, (16, 16)), expected)
     assert len(lgffp.blocks) == 3
     assert not any(p.requires_grad for p in lgffp.parameters())
+
+
+@pytest.mark.parametrize("block_bytes", [4 * 2**20, 4 * 100 * 4 * 7])  # one block; 7 query rows a block
+def test_blocked_attention_is_timms_talking_heads_attention(monkeypatch: pytest.MonkeyPatch, block_bytes: int) -> None:
+    """Same function as timm's ``TalkingHeadAttn`` (non-zero head-mixing biases included), same parameters."""
+    monkeypatch.setattr(lgffp_module, "CPU_BLOCK_BYTES", block_bytes)
+    timm_attention = timm.create_model(CAIT, pretrained=False).blocks[0].attn.eval()
+    with torch.no_grad():
+        for mixing in (timm_attention.proj_l, timm_attention.proj_w):
+            mixing.weight.normal_()
+            mixing.bias.normal_()
+    blocked = BlockedTalkingHeadsAttention(timm_attention)
+    assert blocked.state_dict().keys() == timm_attention.state_dict().keys()
+    tokens = torch.randn(3, 100, 192, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = timm_attention(tokens)
+        torch.testing.assert_close(blocked(tokens), expected, rtol=1e-5, atol=1e-5)
+        traced = torch.jit.trace(blocked, tokens[:1])  # the graph path: one block, any batch size
+        torch.testing.assert_close(traced(tokens), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lgffp_runs_its_cait_attention_blocked() -> None:
+    generator = torch.Generator().manual_seed(0)
+    lgffp = LGFFP(64, 128, 256, CAIT, 2, pre_trained=False, cait_weights_path=None, generator=generator)
+    assert all(isinstance(block.attn, BlockedTalkingHeadsAttention) for block in lgffp.blocks)
+    assert "blocks.0.attn.proj_l.weight" in lgffp.state_dict()  # timm's keys: CaiT checkpoints still load
 
 
 def test_cait_of_the_wrong_width_is_a_clear_error() -> None:

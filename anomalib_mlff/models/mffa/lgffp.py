@@ -3,8 +3,12 @@
 Shallow and middle CNN features are concatenated at one resolution (256 + 512 = 768 channels
 for WideResNet-50), a random selection of as many deep-layer channels is added to them, and the
 resulting tokens run through the first transformer blocks of a CaiT from timm, whose positional
-embedding is resampled to the feature grid. The CaiT is used as is (frozen); the channel
-selection is a buffer, so it is saved with the model and fixed by a seed.
+embedding is resampled to the feature grid. The CaiT is used as is (frozen, same weights and
+state-dict keys); only its talking-heads attention runs through :class:`BlockedTalkingHeadsAttention`,
+which computes the same function in cache-sized blocks of query rows (timm's version materialises
+``B x heads x N x N`` scores several times over, and LGFFP runs on the large layer1 grid, so that
+dominated MFFA's inference time). The channel selection is a buffer, so it is saved with the
+model and fixed by a seed.
 """
 
 from __future__ import annotations
@@ -12,13 +16,19 @@ from __future__ import annotations
 import timm
 import torch
 from timm.layers import resample_abs_pos_embed
-from timm.models.cait import Cait
+from timm.models.cait import Cait, TalkingHeadAttn
 from torch import Tensor, nn
 from torch.nn import functional as F  # noqa: N812
 
 from anomalib_mlff.components.backbone import BackboneWeightsError
+from anomalib_mlff.components.memory_bank import capturing_graph
 
-__all__ = ["LGFFP", "create_cait_blocks", "resize_to"]
+__all__ = ["LGFFP", "BlockedTalkingHeadsAttention", "create_cait_blocks", "resize_to"]
+
+#: Bytes of attention scores one block of query rows may hold on the CPU (about a core's cache share);
+#: on accelerators blocks are only bounded for memory.
+CPU_BLOCK_BYTES = 4 * 2**20
+DEVICE_BLOCK_BYTES = 512 * 2**20
 
 
 def resize_to(features: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
@@ -26,6 +36,70 @@ def resize_to(features: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
     if tuple(features.shape[-2:]) == tuple(size):
         return features
     return F.interpolate(features, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+class BlockedTalkingHeadsAttention(nn.Module):
+    """CaiT's talking-heads self-attention (timm ``TalkingHeadAttn``) evaluated block by block.
+
+    Same parameters (``qkv``, ``proj_l``, ``proj_w``, ``proj``, shared with the timm module it is
+    built from, so state-dict keys and weights are unchanged) and the same function up to float32
+    rounding:
+
+    - ``proj_l`` mixes the heads' scores before the softmax; its bias adds one constant to a whole
+      row of scores, which the softmax cancels, so it is left out;
+    - ``proj_w`` mixes the heads' probabilities after it; its bias contributes ``b_h * sum(v_h)``,
+      added once after the value product instead of to every probability;
+    - the head mixing is one ``(heads x heads) @ (heads x rows*N)`` product, not a linear layer
+      over a permuted copy of the scores;
+    - scores are computed for one image and a block of query rows at a time (at most
+      :data:`CPU_BLOCK_BYTES` on the CPU), so they stay in cache; a traced/exported graph uses one
+      block for the whole batch, keeping its batch size dynamic.
+
+    Attention dropout is not applied: LGFFP's CaiT is frozen and only run in inference.
+    """
+
+    def __init__(self, attention: TalkingHeadAttn) -> None:
+        super().__init__()
+        self.num_heads = attention.num_heads
+        self.scale = attention.scale
+        self.qkv = attention.qkv
+        self.proj_l = attention.proj_l
+        self.proj_w = attention.proj_w
+        self.proj = attention.proj
+        self.proj_drop = attention.proj_drop
+
+    def _scores_times_values(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """``mix_w(softmax(mix_l(q k^T))) v`` without the biases, for ``(b, H, rows, d)`` queries."""
+        batch, heads, rows, _ = q.shape
+        tokens = k.shape[2]
+        scores = torch.matmul(self.proj_l.weight, (q @ k.transpose(-2, -1)).reshape(batch, heads, rows * tokens))
+        probabilities = scores.view(batch, heads, rows, tokens).softmax(dim=-1)
+        mixed = torch.matmul(self.proj_w.weight, probabilities.reshape(batch, heads, rows * tokens))
+        return mixed.view(batch, heads, rows, tokens) @ v
+
+    def _rows_per_block(self, tokens: Tensor) -> int:
+        budget = CPU_BLOCK_BYTES if tokens.device.type == "cpu" else DEVICE_BLOCK_BYTES
+        return max(1, budget // (self.num_heads * tokens.shape[1] * tokens.element_size()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, N, C)`` tokens -> ``(B, N, C)``, as timm's ``TalkingHeadAttn.forward``."""
+        batch, tokens, channels = x.shape
+        heads = self.num_heads
+        qkv = self.qkv(x).reshape(batch, tokens, 3, heads, channels // heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]
+        if capturing_graph():
+            out = self._scores_times_values(q, k, v)
+        else:
+            rows = self._rows_per_block(x)
+            out = torch.cat(
+                [
+                    torch.cat([self._scores_times_values(q_image[:, :, r : r + rows], k_image, v_image)
+                               for r in range(0, tokens, rows)], dim=2)
+                    for q_image, k_image, v_image in zip(q.split(1), k.split(1), v.split(1), strict=True)
+                ]
+            )
+        out = out + self.proj_w.bias.view(1, heads, 1, 1) * v.sum(dim=2, keepdim=True)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, tokens, channels)))
 
 
 def _cait_widths() -> dict[str, int]:
@@ -81,7 +155,11 @@ def create_cait_blocks(
         )
         raise BackboneWeightsError(msg) from error
     grid = tuple(int(side) for side in model.patch_embed.grid_size)
-    return model.pos_embed.detach().clone(), grid, nn.Sequential(*model.blocks[:depth])
+    blocks = nn.Sequential(*model.blocks[:depth])
+    for block in blocks:
+        if isinstance(block.attn, TalkingHeadAttn):
+            block.attn = BlockedTalkingHeadsAttention(block.attn)
+    return model.pos_embed.detach().clone(), grid, blocks
 
 
 class LGFFP(nn.Module):
