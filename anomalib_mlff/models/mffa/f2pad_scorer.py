@@ -21,16 +21,18 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from anomalib_mlff.components.normalization import PixelRange
-from anomalib_mlff.post_processing.f2pad.scorers import MemoryBankScorer, PadimScorer, PositionScores, register_scorer
+from anomalib_mlff.post_processing.f2pad.scorers import (
+    WHOLE_IMAGE_ALIGNMENT,
+    MemoryBankScorer,
+    PadimScorer,
+    PositionScores,
+    register_scorer,
+)
 from anomalib_mlff.post_processing.f2pad.window import FeatureWindow
 
 from .torch_model import MFFAModel
 
 __all__ = ["MFFAScorer"]
-
-#: An alignment no image size is a multiple of: F2PAD then works on the whole image (see FeatureWindow.around).
-WHOLE_IMAGE_ALIGNMENT = 2**31 - 1
-
 
 class MFFAScorer(MemoryBankScorer):
     """``d_NNS x d_Mahalanobis`` per position of MFFA's Gaussian grid (or one branch's score alone).
@@ -49,11 +51,6 @@ class MFFAScorer(MemoryBankScorer):
                 feature_extractor=model.feature_extractor, layers=self.layers, gaussian=model.gaussian.gaussian
             )
             self._gaussian_scorer = PadimScorer(gaussians, pixel_range)
-
-    @property
-    def feature_extractor(self) -> nn.Module:
-        """MFFA's (PSG fine-tuned) backbone."""
-        return self.model.feature_extractor
 
     @property
     def layers(self) -> list[str]:

@@ -269,33 +269,28 @@ class F2PAD(PostProcessor):
             self._pixel_samples.clear()
 
     # ---------------------------------------------------------------- inference: refinement
-    def on_test_batch_end(
+    def _post_process_then_refine(
         self,
+        hook: str,
         trainer: Trainer,
         pl_module: LightningModule,
         outputs: Batch,
         *args: Any,  # noqa: ANN401
         **kwargs: Any,  # noqa: ANN401
     ) -> None:
-        """Post-process as usual, then refine the masks."""
+        """Run ``PostProcessor``'s ``hook`` (normalise, threshold), then refine the masks."""
         raw_map = outputs.anomaly_map
-        super().on_test_batch_end(trainer, pl_module, outputs, *args, **kwargs)
+        getattr(super(), hook)(trainer, pl_module, outputs, *args, **kwargs)
         if self.enabled:
             self.refine_batch(pl_module, outputs, raw_map)
 
-    def on_predict_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Batch,
-        *args: Any,  # noqa: ANN401
-        **kwargs: Any,  # noqa: ANN401
-    ) -> None:
+    def on_test_batch_end(self, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401
         """Post-process as usual, then refine the masks."""
-        raw_map = outputs.anomaly_map
-        super().on_predict_batch_end(trainer, pl_module, outputs, *args, **kwargs)
-        if self.enabled:
-            self.refine_batch(pl_module, outputs, raw_map)
+        self._post_process_then_refine("on_test_batch_end", *args, **kwargs)
+
+    def on_predict_batch_end(self, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401
+        """Post-process as usual, then refine the masks."""
+        self._post_process_then_refine("on_predict_batch_end", *args, **kwargs)
 
     def refine_batch(self, pl_module: LightningModule, batch: Batch, raw_anomaly_map: torch.Tensor | None) -> Refinement:
         """Refine one post-processed batch in place; returns the full result."""

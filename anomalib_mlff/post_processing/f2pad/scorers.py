@@ -26,6 +26,12 @@ PositionScores = Callable[[torch.Tensor], torch.Tensor]
 """Maps a ``(B, C, h, w)`` embedding of the window crops to ``(B, h, w)`` anomaly scores."""
 
 
+#: An alignment no image size is a multiple of: F2PAD then works on whole images (see ``FeatureWindow.around``).
+#: For scorers whose features depend on the whole image (attention, image-wide statistics), so a crop would
+#: change them.
+WHOLE_IMAGE_ALIGNMENT = 2**31 - 1
+
+
 class MissingScorerError(TypeError):
     """The model has no differentiable scorer, so F2PAD cannot refine its masks."""
 
@@ -64,14 +70,14 @@ class DifferentiableScorer(ABC):
         self.stride, self.alignment = self._strides()
 
     @property
-    @abstractmethod
     def feature_extractor(self) -> nn.Module:
-        """The backbone whose features the model scores."""
+        """The backbone whose features the model scores (anomalib's models call it ``feature_extractor``)."""
+        return self.model.feature_extractor
 
     @property
-    @abstractmethod
     def layers(self) -> list[str]:
-        """Backbone layers the embedding is built from."""
+        """Backbone layers the embedding is built from (the model's ``layers``)."""
+        return list(self.model.layers)
 
     @abstractmethod
     def _embed(self, normalised: torch.Tensor) -> torch.Tensor:
@@ -147,16 +153,6 @@ class PatchcoreScorer(MemoryBankScorer):
     """anomalib's ``PatchcoreModel``: pooled multi-layer embedding, exhaustive bank search for candidates."""
 
     @property
-    def feature_extractor(self) -> nn.Module:
-        """The PatchCore backbone."""
-        return self.model.feature_extractor
-
-    @property
-    def layers(self) -> list[str]:
-        """PatchCore's layers."""
-        return list(self.model.layers)
-
-    @property
     def bank_size(self) -> int:
         """Coreset size."""
         return int(self.model.memory_bank.shape[0])
@@ -194,16 +190,6 @@ class PadimScorer(DifferentiableScorer):
     """anomalib's ``PadimModel``: squared Mahalanobis distance to each position's Gaussian (paper Eq. 7)."""
 
     tolerance: ClassVar[float] = 0.1
-
-    @property
-    def feature_extractor(self) -> nn.Module:
-        """The PaDiM backbone."""
-        return self.model.feature_extractor
-
-    @property
-    def layers(self) -> list[str]:
-        """PaDiM's layers."""
-        return list(self.model.layers)
 
     @property
     def grid_positions(self) -> int:
