@@ -12,6 +12,9 @@ from PIL import Image
 
 from anomalib_mlff.components.normalization import PixelRange
 from anomalib_mlff.data import EMBEDDED_ROOT
+from anomalib_mlff.post_processing.f2pad import ClassicalInpainter, DifferentiableScorer, RefinementSettings, refine
+from anomalib_mlff.post_processing.f2pad.optimizer import OptimizerSettings
+from anomalib_mlff.post_processing.f2pad.window import FeatureWindow
 
 SIZE = 64
 IMAGENET = PixelRange(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -60,3 +63,44 @@ def defect_image(size: int = SIZE) -> tuple[torch.Tensor, torch.Tensor]:
     mask = ((rows - 36 * scale) ** 2 / (7 * scale) ** 2 + (cols - 30 * scale) ** 2 / (5 * scale) ** 2) <= 1
     image = torch.where(mask, torch.tensor([0.9, 0.2, 0.6]).view(3, 1, 1), normal)
     return image, mask
+
+
+def unit_images(count: int, seed: int, size: int = SIZE) -> torch.Tensor:
+    """Uniform random RGB images in [0, 1]."""
+    return torch.rand(count, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_feature_gradient_matches_finite_differences(scorer: DifferentiableScorer, model: torch.nn.Module) -> None:
+    """d(sum of window scores)/d(pixels) along a random direction equals a central difference (float64).
+
+    The scorer is built on the float model (its dry run needs it); the model runs in float64 here.
+    """
+    model.double()
+    try:
+        image = unit_images(1, seed=2).double()
+        with torch.no_grad():
+            scores = scorer.prepare(scorer.embed(image), FeatureWindow.full(1, (SIZE, SIZE), image.device))
+        loss = lambda x: scores(scorer.embed(x)).sum()  # noqa: E731
+        estimate = image.clone().requires_grad_(True)
+        (gradient,) = torch.autograd.grad(loss(estimate), estimate)
+        direction = torch.randn(image.shape, generator=torch.Generator().manual_seed(0), dtype=image.dtype)
+        step = 1e-6  # ReLU / max-pool / quantisation kinks and candidate switches are crossed at larger steps
+        with torch.no_grad():
+            numeric = (loss(image + step * direction) - loss(image - step * direction)) / (2 * step)
+        assert gradient.abs().sum() > 0
+        torch.testing.assert_close((gradient * direction).sum(), numeric, rtol=1e-4, atol=1e-6)
+    finally:
+        model.float()
+
+
+def assert_refine_runs(scorer: DifferentiableScorer) -> None:
+    """A few iterations of the whole procedure on a pasted square give a mask and a finite normal image."""
+    image = unit_images(1, seed=3)
+    image[:, :, 20:30, 24:34] = torch.tensor([0.9, 0.1, 0.7]).view(1, 3, 1, 1)
+    initial = torch.zeros(1, SIZE, SIZE, dtype=torch.bool)
+    initial[0, 18:32, 22:36] = True
+    settings = RefinementSettings(optimizer=OptimizerSettings(max_iterations=3), reestimation_iterations=2)
+    result = refine(image, initial, scorer, ClassicalInpainter(), None, settings)
+    assert result.pred_mask.shape == (1, SIZE, SIZE)
+    assert 0 < int(result.iterations[0]) <= 5
+    assert torch.isfinite(result.normal_image).all()

@@ -7,26 +7,23 @@ from functools import cache
 import pytest
 import torch
 
-from anomalib_mlff.components.normalization import PixelRange
 from anomalib_mlff.models.mlff import MLFFModel
 from anomalib_mlff.models.mlff.anomaly_map import pseudo_huber_distance
 from anomalib_mlff.models.mlff.f2pad_scorer import MLFFScorer
-from anomalib_mlff.post_processing.f2pad import ClassicalInpainter, RefinementSettings, refine
-from anomalib_mlff.post_processing.f2pad.optimizer import OptimizerSettings
 from anomalib_mlff.post_processing.f2pad.scorers import build_scorer, scorer_class_for
 from anomalib_mlff.post_processing.f2pad.window import FeatureWindow
-
-SIZE = 64
-IMAGENET = PixelRange(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-
-
-def unit_images(count: int, seed: int) -> torch.Tensor:
-    return torch.rand(count, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+from tests.f2pad_fixtures import (
+    IMAGENET,
+    SIZE,
+    assert_feature_gradient_matches_finite_differences,
+    assert_refine_runs,
+    unit_images,
+)
 
 
 @cache
 def network(use_score_head: bool = True) -> MLFFModel:
-    """A random-initialised MLFF network in eval mode; its score head's bias is raised so scores take both signs."""
+    """A random-initialised MLFF network in eval mode; its score head's output centred on zero."""
     torch.manual_seed(0)
     model = MLFFModel(backbone="resnet18", pre_trained=False, feature_dim=16, tem_levels=8,
                       use_score_head=use_score_head).eval()
@@ -66,33 +63,8 @@ def test_f2pad_works_on_whole_images() -> None:
 
 def test_feature_term_gradient_matches_finite_differences() -> None:
     model = network()
-    scorer = build_scorer(model, IMAGENET, num_candidates=1)
-    model.double()
-    try:
-        image = unit_images(1, seed=2).double()
-        with torch.no_grad():
-            scores = scorer.prepare(scorer.embed(image), FeatureWindow.full(1, (SIZE, SIZE), image.device))
-        loss = lambda x: scores(scorer.embed(x)).sum()  # noqa: E731
-        estimate = image.clone().requires_grad_(True)
-        (gradient,) = torch.autograd.grad(loss(estimate), estimate)
-        direction = torch.randn(image.shape, generator=torch.Generator().manual_seed(0), dtype=image.dtype)
-        step = 1e-6  # ReLU, quantisation-bin and max-pool kinks are crossed at larger steps
-        with torch.no_grad():
-            numeric = (loss(image + step * direction) - loss(image - step * direction)) / (2 * step)
-        assert gradient.abs().sum() > 0
-        torch.testing.assert_close((gradient * direction).sum(), numeric, rtol=1e-4, atol=1e-6)
-    finally:
-        model.float()
+    assert_feature_gradient_matches_finite_differences(build_scorer(model, IMAGENET, num_candidates=1), model)
 
 
 def test_refine_runs_on_an_mlff_mask() -> None:
-    scorer = build_scorer(network(), IMAGENET, num_candidates=1)
-    image = unit_images(1, seed=3)
-    image[:, :, 20:30, 24:34] = torch.tensor([0.9, 0.1, 0.7]).view(1, 3, 1, 1)
-    initial = torch.zeros(1, SIZE, SIZE, dtype=torch.bool)
-    initial[0, 18:32, 22:36] = True
-    settings = RefinementSettings(optimizer=OptimizerSettings(max_iterations=3), reestimation_iterations=2)
-    result = refine(image, initial, scorer, ClassicalInpainter(), None, settings)
-    assert result.pred_mask.shape == (1, SIZE, SIZE)
-    assert 0 < int(result.iterations[0]) <= 5
-    assert torch.isfinite(result.normal_image).all()
+    assert_refine_runs(build_scorer(network(), IMAGENET, num_candidates=1))
