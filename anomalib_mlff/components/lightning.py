@@ -14,6 +14,7 @@
 - maps batches between the pre-processor's normalised space and [0, 1] pixels (pseudo anomalies
   are drawn on [0, 1] images);
 - fails early, naming the dataset, when there are no training images;
+- loads checkpoints without downloading or reading the initial weights the checkpoint replaces;
 - predicts in validation (thresholds and normalisation are fitted from those predictions), is
   one-class and uses anomalib's default post-processor.
 """
@@ -39,6 +40,22 @@ __all__ = ["PseudoAnomalyMixin"]
 
 class PseudoAnomalyMixin:
     """Methods of a one-class ``AnomalibModule`` trained by SGD on pseudo anomalies; ``self.model``: the torch model."""
+
+    #: Model arguments that only say where the initial weights come from (download or local file).
+    initial_weight_args: tuple[str, ...] = ("pre_trained", "weights_path")
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
+        """Lightning's loader, without fetching initial weights: the checkpoint replaces every one of them.
+
+        The checkpoint records ``pre_trained=True`` and the weight files of the machine it was trained
+        on; rebuilding with them would download ImageNet weights (or read files that are not there)
+        only to overwrite them, which fails at offline sites (``anomalib export --ckpt_path`` loads
+        this way). Explicit keyword arguments still win.
+        """
+        for name in cls.initial_weight_args:
+            kwargs.setdefault(name, False if name == "pre_trained" else None)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def set_sgd(self, learning_rate: float, momentum: float, weight_decay: float) -> None:
         """Check (each >= 0) and store the SGD settings."""

@@ -1,7 +1,8 @@
 """F2PAD's differentiable scorer for MFFA: the AMC product of the NNS and Gaussian patch scores.
 
-Per position of the Gaussian grid, the score is ``d_NNS x d_Mahalanobis`` (the map MFFA multiplies
-before resizing and smoothing). The embedding F2PAD optimises through packs both branches on that
+Per position of the Gaussian grid, the score is ``d_NNS x d_Mahalanobis``: AMC's product taken on
+that grid (MFFA's ``patch_scores``), whereas MFFA's own map resizes each branch to the image
+bilinearly before multiplying and blurring. The embedding F2PAD optimises through packs both branches on that
 grid: the NNS embedding nearest-upsampled (each middle-layer cell repeated, so its distance is
 unchanged) followed by the Gaussian dimensions. The NNS part uses F2PAD's memory-bank scheme
 (distance to the nearest of a few candidates fixed at the initial estimate), the Gaussian part

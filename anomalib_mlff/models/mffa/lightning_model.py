@@ -65,6 +65,8 @@ class MFFA(PseudoAnomalyMixin, AnomalibModule):
     The paper's batch size (32) is the datamodule's ``train_batch_size``.
     """
 
+    initial_weight_args = ("pre_trained", "weights_path", "cait_weights_path")
+
     def __init__(
         self,
         *,
