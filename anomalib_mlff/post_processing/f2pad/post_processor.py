@@ -47,7 +47,8 @@ class F2PAD(PostProcessor):
     pixels at the model's input size.
 
     Args:
-        sparsity_weight: lambda0; the LOG penalty's weight is lambda0 / (initial mask's pixel count).
+        sparsity_weight: lambda0; the LOG penalty's weight is lambda0 / (fraction of the image's pixels the
+            initial mask covers, in (0, 1]).
         log_eps: scale eps of the LOG penalty log(1 + |A| / eps), |A| the channel norm.
         prior_weight: weight of the pixel prior (nearest-component squared Mahalanobis distance).
         smoothness_weight: weight of the total variation.
@@ -142,6 +143,7 @@ class F2PAD(PostProcessor):
         self.pixel_prior = PixelPrior(n_components=prior_components, reg_covar=prior_reg_covar)
         self.model_input_size: tuple[int, int] | None = None
         self._pixel_samples: list[torch.Tensor] = []
+        self._warned_no_pixel_threshold = False
 
     @property
     def _checkpoint_config_keys(self) -> tuple[str, ...]:
@@ -323,6 +325,8 @@ class F2PAD(PostProcessor):
 
     def _initial_masks(self, batch: Batch, raw_anomaly_map: torch.Tensor | None, size: torch.Size) -> torch.Tensor:
         """The backbone's masks at the image size, ``(B, H, W)`` bool."""
+        if self.initial_threshold is None and torch.isnan(self._pixel_threshold).item():
+            self._warn_no_pixel_threshold(from_batch_mask=batch.pred_mask is not None)
         if self.initial_threshold is not None or batch.pred_mask is None:
             if raw_anomaly_map is None:
                 msg = "F2PAD needs the model's anomaly_map to start from; this model gives none."
@@ -341,6 +345,27 @@ class F2PAD(PostProcessor):
         if masks.shape[-2:] != size:
             masks = F.interpolate(masks[:, None].float(), size=tuple(size), mode="nearest")[:, 0] > 0
         return masks
+
+    def _warn_no_pixel_threshold(self, from_batch_mask: bool) -> None:
+        """Say once that validation set no pixel threshold, and which fallback gives the initial masks."""
+        if self._warned_no_pixel_threshold:
+            return
+        has_range = not (torch.isnan(self.pixel_min) | torch.isnan(self.pixel_max)).item()
+        normalised = self.enable_normalization and has_range
+        if from_batch_mask and not normalised:
+            fallback = f"{float(self.normalized_pixel_threshold):g} on the un-normalised anomaly map"
+        elif not torch.isnan(self.pixel_threshold).item():
+            fallback = "the image-level threshold (anomalib's threshold matching)"
+        elif from_batch_mask:
+            fallback = "the midpoint of the anomaly-map range seen in validation"
+        else:
+            return  # no threshold at all: _initial_masks raises
+        self._warned_no_pixel_threshold = True
+        logger.warning(
+            "F2PAD: validation set no pixel threshold (no validation masks?), so the initial masks use %s. "
+            "Validate on images with masks or pass initial_threshold=<raw anomaly-map value>.",
+            fallback,
+        )
 
     def _save_figures(self, batch: Batch, images: torch.Tensor, result: Refinement) -> None:
         self.visualization_dir.mkdir(parents=True, exist_ok=True)
