@@ -143,7 +143,7 @@ class F2PAD(PostProcessor):
         self.pixel_prior = PixelPrior(n_components=prior_components, reg_covar=prior_reg_covar)
         self.model_input_size: tuple[int, int] | None = None
         self._pixel_samples: list[torch.Tensor] = []
-        self._warned_no_pixel_threshold = False
+        self._warned: set[str] = set()  # warnings given (each once per post-processor)
 
     @property
     def _checkpoint_config_keys(self) -> tuple[str, ...]:
@@ -298,7 +298,7 @@ class F2PAD(PostProcessor):
         """Refine one post-processed batch in place; returns the full result."""
         self._fit_prior_from_samples()
         if not self.pixel_prior.is_fitted and self.prior_weight:
-            logger.warning("F2PAD: no training pixels seen, so the pixel prior is left out (see fit_pixel_prior).")
+            self._warn_once("F2PAD: no training pixels seen, so the pixel prior is left out (see fit_pixel_prior).")
         pixel_range = _pixel_range(pl_module)
         scorer = build_scorer(pl_module.model, pixel_range, self.num_candidates)
         tolerance = scorer.tolerance if self.tolerance is None else self.tolerance
@@ -348,8 +348,6 @@ class F2PAD(PostProcessor):
 
     def _warn_no_pixel_threshold(self, from_batch_mask: bool) -> None:
         """Say once that validation set no pixel threshold, and which fallback gives the initial masks."""
-        if self._warned_no_pixel_threshold:
-            return
         has_range = not (torch.isnan(self.pixel_min) | torch.isnan(self.pixel_max)).item()
         normalised = self.enable_normalization and has_range
         if from_batch_mask and not normalised:
@@ -360,12 +358,16 @@ class F2PAD(PostProcessor):
             fallback = "the midpoint of the anomaly-map range seen in validation"
         else:
             return  # no threshold at all: _initial_masks raises
-        self._warned_no_pixel_threshold = True
-        logger.warning(
-            "F2PAD: validation set no pixel threshold (no validation masks?), so the initial masks use %s. "
+        self._warn_once(
+            f"F2PAD: validation set no pixel threshold (no validation masks?), so the initial masks use {fallback}. "
             "Validate on images with masks or pass initial_threshold=<raw anomaly-map value>.",
-            fallback,
         )
+
+    def _warn_once(self, message: str) -> None:
+        """Log ``message`` the first time only (the hooks run once per batch)."""
+        if message not in self._warned:
+            self._warned.add(message)
+            logger.warning(message)
 
     def _save_figures(self, batch: Batch, images: torch.Tensor, result: Refinement) -> None:
         self.visualization_dir.mkdir(parents=True, exist_ok=True)
