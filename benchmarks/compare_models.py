@@ -4,10 +4,10 @@ All models use the same backbone and the same random initialisation (``seed_ever
 before each model is built; ``pre_trained=False`` by default, since no ImageNet weights can be
 downloaded here), the same evaluator and no visualiser. Prints one table: image AUROC, pixel
 AUROC, PRO (anomalib's AUPRO), fit seconds, test milliseconds per image (anomalib's
-``Engine.test``: data loading, pre-processing, the model, post-processing and the metrics) and
+``Engine.test``: data loading, pre-processing, the model, post-processing and the metrics),
 model milliseconds per image (the torch model's forward alone on the pre-processed test images,
-batch 16, best of 3 passes). A checksum of each backbone's first convolution before training
-shows that the initialisations agree.
+batch 16, best of 3 passes) and the model's GFLOP per image (torch's ``FlopCounterMode``). A
+checksum of each backbone's first convolution before training shows that the initialisations agree.
 
 MFFA runs at the settings of ``configs/mffa_cpu.yaml`` (resnet18 + cait_xxs24_224, 2 PSG epochs,
 100 Gaussian dimensions). ``--ablations`` adds MFFA's ablation rows (paper Tables 1 and 2:
@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 import yaml
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
@@ -76,6 +77,7 @@ class Result:
     fit_seconds: float
     test_ms_per_image: float
     model_ms_per_image: float
+    model_gflop_per_image: float
     backbone_checksum: float
 
 
@@ -104,6 +106,19 @@ def model_ms_per_image(model: AnomalibModule, datamodule: MVTecAD, repeats: int 
     return 1000 * best / count
 
 
+def model_gflop_per_image(model: AnomalibModule, datamodule: MVTecAD) -> float:
+    """GFLOP of the torch model's forward on one pre-processed test image (torch's ``FlopCounterMode``).
+
+    Counts convolutions and matrix products; FAISS searches (FaissPatchcore, MFFA's NNS branch) run
+    outside torch and are not counted.
+    """
+    image = model.pre_processor.transform(next(iter(datamodule.test_dataloader())).image[:1])
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model.model.eval()(image)
+    return counter.get_total_flops() / 1e9
+
+
 def run(
     name: str, build: Callable[[], AnomalibModule], datamodule: MVTecAD, epochs: int | None, seed: int, out: Path
 ) -> Result:
@@ -128,6 +143,7 @@ def run(
         fit_seconds=fit_seconds,
         test_ms_per_image=1000 * test_seconds / len(datamodule.test_data),
         model_ms_per_image=model_ms_per_image(model, datamodule),
+        model_gflop_per_image=model_gflop_per_image(model, datamodule),
         backbone_checksum=checksum,
     )
     print(f"{name}: {result}", flush=True)
@@ -142,11 +158,11 @@ def mffa_cpu_settings() -> dict:
 
 
 def print_table(rows: list[Result], first_column: str = "model") -> None:
-    print(f"| {first_column} | image AUROC | pixel AUROC | PRO | fit s | test ms/image | model ms/image |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"| {first_column} | image AUROC | pixel AUROC | PRO | fit s | test ms/image | model ms/image | GFLOP/image |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r.name} | {r.image_auroc:.3f} | {r.pixel_auroc:.3f} | {r.pro:.3f} | {r.fit_seconds:.1f} | "
-              f"{r.test_ms_per_image:.1f} | {r.model_ms_per_image:.1f} |")
+              f"{r.test_ms_per_image:.1f} | {r.model_ms_per_image:.1f} | {r.model_gflop_per_image:.2f} |")
 
 
 def main() -> None:
