@@ -70,21 +70,24 @@ def unit_images(count: int, seed: int, size: int = SIZE) -> torch.Tensor:
     return torch.rand(count, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def assert_feature_gradient_matches_finite_differences(scorer: DifferentiableScorer, model: torch.nn.Module) -> None:
+def assert_feature_gradient_matches_finite_differences(
+    scorer: DifferentiableScorer, model: torch.nn.Module, image: torch.Tensor | None = None, step: float = 1e-6
+) -> None:
     """d(sum of window scores)/d(pixels) along a random direction equals a central difference (float64).
 
-    The scorer is built on the float model (its dry run needs it); the model runs in float64 here.
+    The model runs in float64 here and is turned back to float32 afterwards. ``image``: ``(1, 3, SIZE,
+    SIZE)`` in [0, 1], random by default.
     """
     model.double()
     try:
-        image = unit_images(1, seed=2).double()
+        image = (unit_images(1, seed=2) if image is None else image).double()
         with torch.no_grad():
             scores = scorer.prepare(scorer.embed(image), FeatureWindow.full(1, (SIZE, SIZE), image.device))
         loss = lambda x: scores(scorer.embed(x)).sum()  # noqa: E731
         estimate = image.clone().requires_grad_(True)
         (gradient,) = torch.autograd.grad(loss(estimate), estimate)
         direction = torch.randn(image.shape, generator=torch.Generator().manual_seed(0), dtype=image.dtype)
-        step = 1e-6  # ReLU / max-pool / quantisation kinks and candidate switches are crossed at larger steps
+        # step: ReLU / max-pool / quantisation kinks and candidate switches are crossed at larger steps
         with torch.no_grad():
             numeric = (loss(image + step * direction) - loss(image - step * direction)) / (2 * step)
         assert gradient.abs().sum() > 0

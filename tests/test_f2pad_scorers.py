@@ -15,7 +15,14 @@ from anomalib_mlff.post_processing.f2pad.scorers import (
     scorer_class_for,
 )
 from anomalib_mlff.post_processing.f2pad.window import FeatureWindow
-from tests.f2pad_fixtures import IMAGENET, SIZE, defect_image, padim, patchcore
+from tests.f2pad_fixtures import (
+    IMAGENET,
+    SIZE,
+    assert_feature_gradient_matches_finite_differences,
+    defect_image,
+    padim,
+    patchcore,
+)
 
 
 def test_scorers_are_found_for_anomalib_models() -> None:
@@ -69,18 +76,7 @@ def test_feature_term_gradient_matches_finite_differences(model) -> None:  # noq
         # derivative is one-sided
         noise = torch.rand(image.shape, generator=torch.Generator().manual_seed(1))
         image = (image + 0.01 * noise)[None].double()
-        window = FeatureWindow.full(1, (SIZE, SIZE), image.device)
-        with torch.no_grad():
-            scores = scorer.prepare(scorer.embed(image), window)
-        loss = lambda x: scores(scorer.embed(x)).sum()  # noqa: E731
-        estimate = image.clone().requires_grad_(True)
-        (gradient,) = torch.autograd.grad(loss(estimate), estimate)
-        direction = torch.randn(image.shape, generator=torch.Generator().manual_seed(0), dtype=image.dtype)
-        step = 1e-7
-        with torch.no_grad():
-            numeric = (loss(image + step * direction) - loss(image - step * direction)) / (2 * step)
-        assert gradient.abs().sum() > 0
-        torch.testing.assert_close((gradient * direction).sum(), numeric, rtol=1e-4, atol=1e-6)
+        assert_feature_gradient_matches_finite_differences(scorer, network, image=image, step=1e-7)
     finally:
         network.float()
 

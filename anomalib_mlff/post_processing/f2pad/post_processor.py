@@ -294,7 +294,9 @@ class F2PAD(PostProcessor):
         """Post-process as usual, then refine the masks."""
         self._post_process_then_refine("on_predict_batch_end", *args, **kwargs)
 
-    def refine_batch(self, pl_module: LightningModule, batch: Batch, raw_anomaly_map: torch.Tensor | None) -> Refinement:
+    def refine_batch(
+        self, pl_module: LightningModule, batch: Batch, raw_anomaly_map: torch.Tensor | None
+    ) -> Refinement:
         """Refine one post-processed batch in place; returns the full result."""
         self._fit_prior_from_samples()
         if not self.pixel_prior.is_fitted and self.prior_weight:
