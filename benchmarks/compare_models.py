@@ -46,7 +46,8 @@ from anomalib_mlff.models.mffa import MFFA
 from anomalib_mlff.models.mlff import MLFF
 
 MODELS = ("MLFF", "MFFA", "Patchcore", "FaissPatchcore", "Padim")
-MFFA_CPU_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mffa_cpu.yaml"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+MFFA_CPU_CONFIG = CONFIGS / "mffa_cpu.yaml"
 
 #: MFFA ablation rows: the paper's Table 1 (branches) and Table 2 (PSG, LGFFP) switches; NNS does not use
 #: LGFFP. The last row is not in the paper: LGFFP and the Gaussians on layer2's grid (a quarter of the tokens).
@@ -113,9 +114,14 @@ def model_gflop_per_image(model: AnomalibModule, datamodule: MVTecAD) -> float:
     outside torch and are not counted.
     """
     image = model.pre_processor.transform(next(iter(datamodule.test_dataloader())).image[:1])
+    return gflop(lambda: model.model.eval()(image))
+
+
+def gflop(step: Callable[[], object]) -> float:
+    """GFLOP of one call without autograd (torch's ``FlopCounterMode``: convolutions and matrix products)."""
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        model.model.eval()(image)
+        step()
     return counter.get_total_flops() / 1e9
 
 
@@ -150,9 +156,14 @@ def run(
     return result
 
 
+def config_init_args(config: Path) -> dict:
+    """The ``model.init_args`` of a config file."""
+    return yaml.safe_load(config.read_text())["model"]["init_args"]
+
+
 def mffa_cpu_settings() -> dict:
     """MFFA's init_args from ``configs/mffa_cpu.yaml`` without its pre-processor (built here for the image size)."""
-    settings = yaml.safe_load(MFFA_CPU_CONFIG.read_text())["model"]["init_args"]
+    settings = config_init_args(MFFA_CPU_CONFIG)
     settings.pop("pre_processor", None)
     return settings
 

@@ -18,33 +18,29 @@ import argparse
 import inspect
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
-import yaml
-from torch.utils.flop_counter import FlopCounterMode
+from compare_models import CONFIGS, config_init_args, gflop
 
 from anomalib_mlff.models.mffa.torch_model import MFFAModel
 
-PAPER_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mffa.yaml"
+PAPER_CONFIG = CONFIGS / "mffa.yaml"
 
 
 def paper_settings() -> dict:
     """MFFAModel arguments from ``configs/mffa.yaml`` (Lightning-only ones dropped), random weights."""
-    settings = yaml.safe_load(PAPER_CONFIG.read_text())["model"]["init_args"]
+    settings = config_init_args(PAPER_CONFIG)
     model_arguments = inspect.signature(MFFAModel).parameters
     return {**{k: v for k, v in settings.items() if k in model_arguments}, "pre_trained": False}
 
 
 def measure(step: Callable[[], object]) -> tuple[float, float]:
     """GFLOP and seconds of one call (the FLOP pass also warms up)."""
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        step()
+    flops = gflop(step)
     start = time.perf_counter()
     with torch.no_grad():
         step()
-    return counter.get_total_flops() / 1e9, time.perf_counter() - start
+    return flops, time.perf_counter() - start
 
 
 def main() -> None:
