@@ -43,7 +43,10 @@ def cut_paste(normal: np.ndarray, mask_source: np.ndarray, rng: np.random.Genera
     shape = mask_source[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
     height, width = normal.shape[:2]
     scale = rng.uniform(*SCALE_RANGE)
-    new_size = (max(2, min(width - 2, round(shape.shape[1] * scale))), max(2, min(height - 2, round(shape.shape[0] * scale))))
+    new_size = (
+        max(2, min(width - 2, round(shape.shape[1] * scale))),
+        max(2, min(height - 2, round(shape.shape[0] * scale))),
+    )
     shape = np.asarray(Image.fromarray(shape.astype(np.uint8) * 255).resize(new_size, Image.NEAREST)) > 0
     if rng.random() < 0.5:
         shape = shape[:, ::-1]
@@ -100,11 +103,12 @@ class Row:
 def run(model_name: str, category: str, root: Path, images: int, seed: int, out: Path) -> Row:
     """Fit one model, test it without and with F2PAD, and collect the metrics."""
     seed_everything(seed, workers=True)
+    shared = {"backbone": "resnet18", "pre_trained": False}
     builders = {
         "PatchCore": lambda: Patchcore(
-            backbone="resnet18", layers=("layer2", "layer3"), pre_trained=False, post_processor=F2PAD(), evaluator=mask_evaluator()
+            **shared, layers=("layer2", "layer3"), post_processor=F2PAD(), evaluator=mask_evaluator()
         ),
-        "PaDiM": lambda: Padim(backbone="resnet18", pre_trained=False, post_processor=F2PAD(), evaluator=mask_evaluator()),
+        "PaDiM": lambda: Padim(**shared, post_processor=F2PAD(), evaluator=mask_evaluator()),
     }
     model = builders[model_name]()
     datamodule = MVTecAD(root=root, category=category, train_batch_size=16, eval_batch_size=4, num_workers=0)
@@ -143,22 +147,28 @@ def main() -> None:
         root = Path(tmp) / "cutpaste"
         for category in args.categories:
             build_dataset(root, category, args.images, args.seed)
-            rows.extend(run(name, category, root, args.images, args.seed, Path(tmp) / "results") for name in args.models)
+            results = Path(tmp) / "results"
+            rows.extend(run(name, category, root, args.images, args.seed, results) for name in args.models)
     print(f"device: {'cuda' if torch.cuda.is_available() else 'cpu'}, torch threads: {torch.get_num_threads()}")
-    print("| model | category | IoU before | IoU after | gain | DICE before | DICE after | gain | s/img backbone | s/img with F2PAD |")
+    print(
+        "| model | category | IoU before | IoU after | gain | DICE before | DICE after | gain "
+        "| s/img backbone | s/img with F2PAD |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for model_name in args.models:
         selected = [row for row in rows if row.model == model_name]
         for row in [*selected, _mean(selected)]:
             print(
-                f"| {row.model} | {row.category} | {row.iou_before:.1f} | {row.iou_after:.1f} | {row.iou_after - row.iou_before:+.1f} "
+                f"| {row.model} | {row.category} "
+                f"| {row.iou_before:.1f} | {row.iou_after:.1f} | {row.iou_after - row.iou_before:+.1f} "
                 f"| {row.dice_before:.1f} | {row.dice_after:.1f} | {row.dice_after - row.dice_before:+.1f} "
                 f"| {row.backbone_seconds:.2f} | {row.f2pad_seconds:.2f} |"
             )
 
 
 def _mean(rows: list[Row]) -> Row:
-    values = {name: float(np.mean([getattr(row, name) for row in rows])) for name in Row.__dataclass_fields__ if name not in {"model", "category"}}
+    numeric = [name for name in Row.__dataclass_fields__ if name not in {"model", "category"}]
+    values = {name: float(np.mean([getattr(row, name) for row in rows])) for name in numeric}
     return Row(model=rows[0].model, category="**mean**", **values)
 
 

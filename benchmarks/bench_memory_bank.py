@@ -26,6 +26,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import faiss
@@ -103,7 +104,7 @@ def bench_coreset(device: str) -> None:
 
 def bench_search(device: str, query_images: int) -> None:
     train = patchcore_embeddings("wide_resnet50_2", "train", 256, device=device)
-    select_s, indices = timed(lambda: greedy_coreset(train, 1 / 3, seed=0, progress=False))
+    select_s, indices = timed(partial(greedy_coreset, train, 1 / 3, seed=0, progress=False))
     bank = train[indices].contiguous()
     del train
     test_count = len(list((EMBEDDED_ROOT / "brick" / "test").rglob("*.png")))
@@ -158,7 +159,10 @@ def bench_auroc() -> None:
         for name, runner in (
             ("anomalib Patchcore", lambda seed, c=category: auroc_of(Patchcore, c, seed)),
             ("FaissPatchcore (default seed=None)", lambda seed, c=category: auroc_of(FaissPatchcore, c, seed)),
-            ("FaissPatchcore (seed=global seed)", lambda seed, c=category: auroc_of(FaissPatchcore, c, seed, seed=seed)),
+            (
+                "FaissPatchcore (seed=global seed)",
+                lambda seed, c=category: auroc_of(FaissPatchcore, c, seed, seed=seed),
+            ),
         ):
             results = [runner(seed) for seed in range(3)]
             reference = reference or results

@@ -68,11 +68,11 @@ def main() -> None:
     print("| part | GFLOP/image | s/image |")
     print("|---|---|---|")
     measured = [(name, *measure(step)) for name, step in rows]
-    for name, gflop, seconds in measured:
-        print(f"| {name} | {gflop:.1f} | {seconds:.2f} |")
+    for name, part_gflop, seconds in measured:
+        print(f"| {name} | {part_gflop:.1f} | {seconds:.2f} |")
     backbone_gflop = measured[0][1]
-    for name, gflop, _ in measured[1:]:
-        print(f"\n{name}: {gflop / backbone_gflop:.1f}x the backbone's GFLOP")
+    for name, part_gflop, _ in measured[1:]:
+        print(f"\n{name}: {part_gflop / backbone_gflop:.1f}x the backbone's GFLOP")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,8 @@ def test_masks_are_binary_and_local() -> None:
     folder = EMBEDDED_ROOT / "brick"
     for defect in ("scratch", "hole"):
         for image_path in sorted((folder / "test" / defect).glob("*.png")):
-            mask = cv2.imread(str(folder / "ground_truth" / defect / f"{image_path.stem}_mask.png"), cv2.IMREAD_GRAYSCALE)
+            mask_path = folder / "ground_truth" / defect / f"{image_path.stem}_mask.png"
+            mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
             assert set(np.unique(mask)) <= {0, 255}
             assert 0 < (mask > 0).mean() < 0.25, image_path
 

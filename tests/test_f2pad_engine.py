@@ -30,7 +30,10 @@ def small_dataset(root: Path) -> Path:
     picks = {
         "train/good": sorted((source / "train/good").glob("*.png"))[:20],
         "test/good": sorted((source / "test/good").glob("*.png"))[:2],
-        **{f"test/{kind}": sorted((source / f"test/{kind}").glob("*.png"))[:2] for kind in ("hole", "scratch", "stain")},
+        **{
+            f"test/{kind}": sorted((source / f"test/{kind}").glob("*.png"))[:2]
+            for kind in ("hole", "scratch", "stain")
+        },
     }
     for folder, paths in picks.items():
         (root / "brick" / folder).mkdir(parents=True)
@@ -71,7 +74,9 @@ def mask_metrics() -> Evaluator:
 def fitted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Patchcore, Engine, MVTecAD, Path]:
     seed_everything(0)
     root = tmp_path_factory.mktemp("f2pad")
-    data = MVTecAD(root=small_dataset(root / "data"), category="brick", train_batch_size=8, eval_batch_size=4, num_workers=0)
+    data = MVTecAD(
+        root=small_dataset(root / "data"), category="brick", train_batch_size=8, eval_batch_size=4, num_workers=0
+    )
     model = tiny_patchcore(F2PAD(**SMALL, visualization_dir=root / "figures"), mask_metrics())
     engine = Engine(default_root_dir=root / "results", logger=False, enable_progress_bar=False, max_epochs=1)
     engine.fit(model, datamodule=data)

@@ -8,9 +8,9 @@ import torch
 from torch.nn import functional as F  # noqa: N812
 
 from anomalib_mlff.models.mffa import MFFAModel
+from anomalib_mlff.models.mffa import lgffp as lgffp_module
 from anomalib_mlff.models.mffa.anomaly_map import AnomalyMapGenerator, blur_kernel_size
 from anomalib_mlff.models.mffa.gaussian import GaussianBranch
-from anomalib_mlff.models.mffa import lgffp as lgffp_module
 from anomalib_mlff.models.mffa.lgffp import LGFFP, BlockedTalkingHeadsAttention
 from anomalib_mlff.models.mffa.loss import PSGLoss
 from anomalib_mlff.models.mffa.nns import NNSBranch

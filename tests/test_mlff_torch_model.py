@@ -10,7 +10,6 @@ import torch
 from anomalib.data import InferenceBatch
 
 from anomalib_mlff.components.pseudo_anomaly import PseudoAnomalyGenerator
-from anomalib_mlff.models.mlff.anomaly_map import pseudo_huber_distance
 from anomalib_mlff.models.mlff.loss import MLFFLoss
 from anomalib_mlff.models.mlff.torch_model import MLFFModel, MLFFOutput
 

@@ -62,7 +62,10 @@ def installed_wheel_python(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A fresh venv that sees this environment's dependencies but has anomalib-mlff from a built wheel."""
     root = tmp_path_factory.mktemp("wheel_install")
     subprocess.run(  # noqa: S603
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(root / "dist"), str(REPO_ROOT)],
+        [
+            sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+            "-w", str(root / "dist"), str(REPO_ROOT),
+        ],
         check=True,
         capture_output=True,
     )

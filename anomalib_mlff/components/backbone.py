@@ -60,7 +60,10 @@ def load_backbone_weights(extractor: TimmFeatureExtractor, weights_path: str | P
         raise BackboneWeightsError(msg)
     mismatched = [k for k in wanted if state[k].shape != wanted[k].shape]
     if mismatched:
-        msg = f"weights_path={str(weights_path)!r}: shapes differ for {mismatched[:3]} (backbone {extractor.backbone!r})."
+        msg = (
+            f"weights_path={str(weights_path)!r}: shapes differ for {mismatched[:3]} "
+            f"(backbone {extractor.backbone!r})."
+        )
         raise BackboneWeightsError(msg)
     target.load_state_dict({key: state[key] for key in wanted})
 

@@ -4,7 +4,8 @@ Layout is MVTec AD's, so anomalib's own ``MVTecAD`` and ``Folder`` datamodules r
 ``<root>/<category>/{train/good, test/good, test/<defect>, ground_truth/<defect>}``. Normal
 images are random crops (with flips) of one texture photo: training crops from its upper part,
 test crops from its lower part. Each defect image gets a synthetic defect with an exact
-ground-truth mask (the pixels a scratch or hole replaced, where a stain darkens by >= 15%). Deterministic for a given seed.
+ground-truth mask (the pixels a scratch or hole replaced, where a stain darkens by >= 15%).
+Deterministic for a given seed.
 
 Run ``python -m anomalib_mlff.data.build OUT_DIR`` to rebuild; the shipped copy was made with
 the defaults.

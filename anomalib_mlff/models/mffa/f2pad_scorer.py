@@ -18,7 +18,6 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import torch
-from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from anomalib_mlff.components.normalization import PixelRange

@@ -45,7 +45,8 @@ class ClassicalInpainter:
 
     def __call__(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """Inpaint each image where its mask is set."""
-        filled = [self._inpaint_one(image, mask) for image, mask in zip(images.detach().cpu(), masks.cpu(), strict=True)]
+        pairs = zip(images.detach().cpu(), masks.cpu(), strict=True)
+        filled = [self._inpaint_one(image, mask) for image, mask in pairs]
         return torch.stack(filled).to(images.device, images.dtype)
 
     def _inpaint_one(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -100,7 +101,9 @@ class MaskedAutoencoder(nn.Module):
         tokens = self.patch_embed.num_patches + 1
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, tokens, embed_dim), requires_grad=False)
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(depth)
+        )
         self.norm = norm(embed_dim)
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
@@ -131,7 +134,8 @@ class MaskedAutoencoder(nn.Module):
     def _unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
         size = self.patch_embed.patch_size[0]
         grid = self.image_size // size
-        return patches.reshape(grid, grid, size, size, 3).permute(4, 0, 2, 1, 3).reshape(3, self.image_size, self.image_size)
+        image = patches.reshape(grid, grid, size, size, 3).permute(4, 0, 2, 1, 3)
+        return image.reshape(3, self.image_size, self.image_size)
 
 
 class MAEInpainter:

@@ -40,7 +40,12 @@ class _BinaryMaskDice(DiceScore):
 
     def __init__(self, **kwargs: Any) -> None:  # noqa: ANN401
         super().__init__(
-            num_classes=2, include_background=False, input_format="index", average="macro", aggregation_level="samplewise", **kwargs
+            num_classes=2,
+            include_background=False,
+            input_format="index",
+            average="macro",
+            aggregation_level="samplewise",
+            **kwargs,
         )
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:

@@ -101,5 +101,8 @@ def calibrate_feature_scale(objective: Objective, start: torch.Tensor) -> torch.
     estimate = start.detach().requires_grad_(True)
     (gradient,) = torch.autograd.grad(unscaled.terms(estimate).feature.sum(), estimate)
     norms = torch.linalg.vector_norm(gradient, dim=1)
-    medians = [item[region].median() if region.any() else item.new_tensor(1.0) for item, region in zip(norms, objective.region, strict=True)]
+    medians = [
+        item[region].median() if region.any() else item.new_tensor(1.0)
+        for item, region in zip(norms, objective.region, strict=True)
+    ]
     return torch.stack(medians).clamp_min(1e-12)

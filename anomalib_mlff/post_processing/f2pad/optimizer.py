@@ -60,7 +60,9 @@ def share_gradients(
     """
     free = region[:, None].to(gradient.dtype)
     space = (sigma_space, sigma_space)
-    weighted = joint_bilateral_blur(gradient * free, guidance, kernel_size, sigma_color, space, color_distance_type="l2")
+    weighted = joint_bilateral_blur(
+        gradient * free, guidance, kernel_size, sigma_color, space, color_distance_type="l2"
+    )
     weights = joint_bilateral_blur(free, guidance, kernel_size, sigma_color, space, color_distance_type="l2")
     return torch.where(free > 0, weighted / weights.clamp_min(1e-12), torch.zeros_like(gradient))
 

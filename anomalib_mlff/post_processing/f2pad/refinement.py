@@ -147,7 +147,9 @@ def _refine_at_model_size(
     if settings.reestimate and mask.any():
         recovery = replace(objective, region=mask, sparsity_weight=torch.zeros_like(objective.sparsity_weight))
         recovery_settings = replace(optimizer, max_iterations=settings.reestimation_iterations)
-        normal, recovery_trace = minimise(recovery, normal, observed_crop, mask, recovery_settings, settings.share_gradients)
+        normal, recovery_trace = minimise(
+            recovery, normal, observed_crop, mask, recovery_settings, settings.share_gradients
+        )
         iterations = iterations + recovery_trace.iterations
     return Refinement(
         pred_mask=window.paste(mask, torch.zeros_like(initial_masks)),

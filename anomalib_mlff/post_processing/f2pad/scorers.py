@@ -102,7 +102,8 @@ class DifferentiableScorer(ABC):
         side = 256
         parameter = next(self.feature_extractor.parameters())
         with torch.no_grad():
-            features = self.feature_extractor(torch.zeros(1, 3, side, side, dtype=parameter.dtype, device=parameter.device))
+            probe = torch.zeros(1, 3, side, side, dtype=parameter.dtype, device=parameter.device)
+            features = self.feature_extractor(probe)
         strides = [side // features[layer].shape[-2] for layer in self.layers]
         return min(strides), max(strides)
 

@@ -22,7 +22,11 @@ def refinement_figure(
 
     ``image`` and ``normal_image`` are ``(C, H, W)`` in [0, 1]; masks ``(H, W)``.
     """
-    panels = [("image", _picture(image)), ("recovered normal image", _picture(normal_image)), ("F2PAD mask", _mask(mask))]
+    panels = [
+        ("image", _picture(image)),
+        ("recovered normal image", _picture(normal_image)),
+        ("F2PAD mask", _mask(mask)),
+    ]
     if gt_mask is not None:
         panels.append(("ground truth", _mask(gt_mask)))
     labelled = [add_text_to_image(picture, title, size=max(10, picture.height // 16)) for title, picture in panels]

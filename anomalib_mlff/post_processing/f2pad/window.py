@@ -55,7 +55,10 @@ class FeatureWindow:
         firsts_lasts = torch.stack([_extent(rows), _extent(cols)], 1)  # (B, 2 axes, [first, last])
         # aligning an offset down costs up to `alignment - 1` pixels, hence the extra `alignment`
         spans = firsts_lasts[..., 1] - firsts_lasts[..., 0] + 1 + 2 * margin + alignment
-        size = [min(_round_up(int(spans[:, axis].max()), alignment), extent) for axis, extent in enumerate((height, width))]
+        size = [
+            min(_round_up(int(spans[:, axis].max()), alignment), extent)
+            for axis, extent in enumerate((height, width))
+        ]
         if size == [height, width]:
             return full
         limits = torch.tensor([height - size[0], width - size[1]], device=regions.device)
@@ -69,7 +72,10 @@ class FeatureWindow:
             return tensor
         height, width = self.size
         return torch.stack(
-            [item[..., top : top + height, left : left + width] for item, (top, left) in zip(tensor, self.offsets.tolist(), strict=True)]
+            [
+                item[..., top : top + height, left : left + width]
+                for item, (top, left) in zip(tensor, self.offsets.tolist(), strict=True)
+            ]
         )
 
     def paste(self, crops: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
