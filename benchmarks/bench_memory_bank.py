@@ -140,12 +140,12 @@ def auroc_of(
     seed_everything(0, verbose=False)
     model = model_class(backbone="resnet18", pre_trained=False, coreset_sampling_ratio=0.1, visualizer=False,
                         pre_processor=model_class.configure_pre_processor(image_size=(128, 128)), **options)
-    engine = Engine(logger=False, enable_progress_bar=False, enable_model_summary=False,
-                    default_root_dir=tempfile.mkdtemp(prefix="bench_mb_"))
     data = embedded_datamodule(category, train_batch_size=32, eval_batch_size=32)
-    seed_everything(coreset_seed, verbose=False)  # anomalib's KCenterGreedy draws from the global RNGs
-    engine.fit(model, datamodule=data)
-    metrics = engine.test(model, datamodule=data, verbose=False)[0]
+    with tempfile.TemporaryDirectory(prefix="bench_mb_") as root:
+        engine = Engine(logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
+        seed_everything(coreset_seed, verbose=False)  # anomalib's KCenterGreedy draws from the global RNGs
+        engine.fit(model, datamodule=data)
+        metrics = engine.test(model, datamodule=data, verbose=False)[0]
     return metrics["image_AUROC"], metrics["pixel_AUROC"]
 
 

@@ -6,9 +6,10 @@ embedded brick category.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
-from tempfile import mkdtemp
+from tempfile import TemporaryDirectory, mkdtemp
 
 import numpy as np
 import pytest
@@ -24,6 +25,15 @@ from tests.test_coreset import single_torch_thread  # noqa: F401 (autouse fixtur
 
 IMAGE_SIZE = (64, 64)
 SEED = 0
+RUNS = TemporaryDirectory(prefix="faiss_patchcore_")  # the cached fits' result folders
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _remove_runs_after_module() -> Iterator[None]:
+    """Delete the cached fits and their folders once this module's tests are done (they hold ~17 MB)."""
+    yield
+    fitted.cache_clear()
+    RUNS.cleanup()
 
 
 def build(model_class: type[Patchcore], **options: object) -> Patchcore:
@@ -46,7 +56,7 @@ def datamodule() -> object:
 def fitted(model_class: type[Patchcore], **options: object) -> tuple[Patchcore, Engine, dict[str, float]]:
     """Fit and test a model once per settings; returns the model, its engine and its test metrics."""
     model = build(model_class, **options)
-    engine = Engine(default_root_dir=mkdtemp(prefix="faiss_patchcore_"), logger=False,
+    engine = Engine(default_root_dir=mkdtemp(dir=RUNS.name), logger=False,
                     enable_progress_bar=False, enable_model_summary=False)
     data = datamodule()
     engine.fit(model, datamodule=data)
