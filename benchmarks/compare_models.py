@@ -90,10 +90,14 @@ def backbone_checksum(model: AnomalibModule) -> float:
     return float("nan")
 
 
-def model_ms_per_image(model: AnomalibModule, datamodule: MVTecAD, repeats: int = 3) -> float:
-    """Forward time of the torch model alone on the pre-processed test images (best of ``repeats``)."""
+def preprocessed_test_batches(model: AnomalibModule, datamodule: MVTecAD) -> list[torch.Tensor]:
+    """The test images as the torch model sees them (after the model's pre-processor)."""
     transform = model.pre_processor.transform
-    batches = [transform(batch.image) for batch in datamodule.test_dataloader()]
+    return [transform(batch.image) for batch in datamodule.test_dataloader()]
+
+
+def model_ms_per_image(model: AnomalibModule, batches: list[torch.Tensor], repeats: int = 3) -> float:
+    """Forward time of the torch model alone on the pre-processed test ``batches`` (best of ``repeats``)."""
     count = sum(len(batch) for batch in batches)
     network = model.model.eval()
     best = float("inf")
@@ -107,13 +111,12 @@ def model_ms_per_image(model: AnomalibModule, datamodule: MVTecAD, repeats: int 
     return 1000 * best / count
 
 
-def model_gflop_per_image(model: AnomalibModule, datamodule: MVTecAD) -> float:
-    """GFLOP of the torch model's forward on one pre-processed test image (torch's ``FlopCounterMode``).
+def model_gflop_per_image(model: AnomalibModule, image: torch.Tensor) -> float:
+    """GFLOP of the torch model's forward on one pre-processed ``(1, C, H, W)`` image (``FlopCounterMode``).
 
     Counts convolutions and matrix products; FAISS searches (FaissPatchcore, MFFA's NNS branch) run
     outside torch and are not counted.
     """
-    image = model.pre_processor.transform(next(iter(datamodule.test_dataloader())).image[:1])
     return gflop(lambda: model.model.eval()(image))
 
 
@@ -141,6 +144,7 @@ def run(
     start = time.perf_counter()
     metrics = engine.test(model, datamodule=datamodule, verbose=False)[0]
     test_seconds = time.perf_counter() - start
+    batches = preprocessed_test_batches(model, datamodule)
     result = Result(
         name=name,
         image_auroc=metrics["image_AUROC"],
@@ -148,8 +152,8 @@ def run(
         pro=metrics["pixel_AUPRO"],
         fit_seconds=fit_seconds,
         test_ms_per_image=1000 * test_seconds / len(datamodule.test_data),
-        model_ms_per_image=model_ms_per_image(model, datamodule),
-        model_gflop_per_image=model_gflop_per_image(model, datamodule),
+        model_ms_per_image=model_ms_per_image(model, batches),
+        model_gflop_per_image=model_gflop_per_image(model, batches[0][:1]),
         backbone_checksum=checksum,
     )
     print(f"{name}: {result}", flush=True)
