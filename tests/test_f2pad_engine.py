@@ -131,6 +131,20 @@ def test_checkpoint_keeps_the_prior_and_input_size(fitted, tmp_path: Path) -> No
     torch.testing.assert_close(plain.post_processor.pixel_threshold, model.post_processor.pixel_threshold)
 
 
+def test_training_calibrates_the_weights_and_the_checkpoint_keeps_them(fitted, tmp_path: Path) -> None:  # noqa: ANN001
+    model, engine, _, _ = fitted
+    calibration = model.post_processor.calibration
+    assert calibration is not None and len(calibration["trials"]) >= 6
+    for name, value in calibration["weights"].items():
+        assert getattr(model.post_processor, name) == value
+    path = tmp_path / "model.ckpt"
+    engine.trainer.save_checkpoint(path)
+    restored = Patchcore.load_from_checkpoint(path, post_processor=F2PAD())
+    assert restored.post_processor.calibration == calibration
+    for name, value in calibration["weights"].items():
+        assert getattr(restored.post_processor, name) == value
+
+
 def test_setup_names_a_model_without_scorer(tmp_path: Path) -> None:
     from anomalib.models import Dfm  # noqa: PLC0415 - a feature-based model F2PAD has no scorer for
 

@@ -68,3 +68,38 @@ def test_feature_term_gradient_matches_finite_differences() -> None:
 
 def test_refine_runs_on_an_mlff_mask() -> None:
     assert_refine_runs(build_scorer(network(), IMAGENET, num_candidates=1))
+
+
+def test_feature_scale_does_not_collapse_where_mlffs_scores_are_floored_flat() -> None:
+    """MLFF's scores are floored at 0; with every score of the inpainted start below 0, the median gradient
+    there is 0 and g0 used to become 1e-12. It now falls back to the observed image's scale."""
+    from anomalib_mlff.post_processing.f2pad.objective import Objective, calibrate_feature_scale  # noqa: PLC0415
+    from anomalib_mlff.post_processing.f2pad.window import dilate, positions_touched  # noqa: PLC0415
+
+    model = network()
+    scorer = build_scorer(model, IMAGENET, num_candidates=1)
+    observed = unit_images(1, seed=4)
+    region = torch.zeros(1, SIZE, SIZE, dtype=torch.bool)
+    region[0, 24:40, 24:40] = True
+    start = observed.clone()
+    start[:, :, region[0]] = observed[:, :, region[0]].mean(-1, keepdim=True)  # a flat fill, as inpainting gives
+    window = FeatureWindow.full(1, (SIZE, SIZE), observed.device)
+    with torch.no_grad():
+        _, head = model.extract_features(IMAGENET.from_unit(start))
+    shift = float(head[0].amax()) + 1e-3  # every score of the start is now <= 0: floored flat
+    with torch.no_grad():
+        model.score_head.bias -= shift
+    try:
+        scores = scorer.prepare(scorer.embed(start), window)
+        objective = Objective(
+            scorer=scorer, scores=scores, observed=observed, region=dilate(region, 2),
+            positions=positions_touched(dilate(region, 2), scorer.stride, 8), feature_scale=torch.ones(1),
+            sparsity_weight=torch.ones(1), eps=0.05, prior=None, prior_weight=0.0, smoothness_weight=0.0,
+        )
+        with torch.no_grad():
+            assert float(scores(scorer.embed(start)).amax()) == 0.0  # the collapse: no gradient at the start
+        scale = calibrate_feature_scale(objective, start)
+        assert torch.isfinite(scale).all() and float(scale) > 1e-6
+    finally:
+        with torch.no_grad():
+            model.score_head.bias += shift

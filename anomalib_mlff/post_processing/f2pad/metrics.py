@@ -63,3 +63,10 @@ class Dice(AnomalibMetric, _BinaryMaskDice):  # type: ignore[misc]
     """DICE coefficient of predicted and true masks, mean over images."""
 
     default_fields = ("pred_mask", "gt_mask")
+
+
+def mean_mask_iou(preds: torch.Tensor, target: torch.Tensor) -> float:
+    """:class:`IoU` of a batch of masks outside an ``Evaluator``: per image, averaged."""
+    metric = _BinaryMaskIoU().to(preds.device)
+    metric.update(preds, target)
+    return float(metric.compute())

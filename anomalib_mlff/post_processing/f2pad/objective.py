@@ -94,15 +94,49 @@ class Objective:
         """J per image, ``(B,)``."""
         return self.terms(normal).total
 
+    def feature_score(self, images: torch.Tensor) -> torch.Tensor:
+        """The unscaled feature term L (the model's scores summed over the touched positions), ``(B,)``."""
+        with torch.no_grad():
+            return (self.scores(self.scorer.embed(images)) * self.positions).flatten(1).sum(1)
 
-def calibrate_feature_scale(objective: Objective, start: torch.Tensor) -> torch.Tensor:
-    """Median over the region of the per-pixel gradient norm of the (unscaled) feature term at ``start``; ``(B,)``."""
+
+class NonFiniteError(ValueError):
+    """An image, anomaly map or gradient holds NaN or inf; ``items`` are the batch indices concerned."""
+
+    def __init__(self, what: str, items: list[int]) -> None:
+        self.what, self.items = what, items
+        super().__init__(f"F2PAD: {what} of image(s) {items} hold NaN or inf.")
+
+
+def median_feature_gradient(objective: Objective, images: torch.Tensor) -> torch.Tensor:
+    """Median over the region of the per-pixel gradient norm of the unscaled feature term at ``images``; ``(B,)``."""
     unscaled = replace(objective, feature_scale=torch.ones_like(objective.feature_scale))
-    estimate = start.detach().requires_grad_(True)
+    estimate = images.detach().requires_grad_(True)
     (gradient,) = torch.autograd.grad(unscaled.terms(estimate).feature.sum(), estimate)
     norms = torch.linalg.vector_norm(gradient, dim=1)
     medians = [
-        item[region].median() if region.any() else item.new_tensor(1.0)
+        item[region].median() if region.any() else item.new_tensor(0.0)
         for item, region in zip(norms, objective.region, strict=True)
     ]
-    return torch.stack(medians).clamp_min(1e-12)
+    return torch.stack(medians)
+
+
+#: g0 at the start counts as collapsed below this share of g0 at the observed image.
+COLLAPSED_SCALE = 0.01
+
+
+def calibrate_feature_scale(objective: Objective, start: torch.Tensor) -> torch.Tensor:
+    """g0 per image, ``(B,)``: the median feature-gradient norm over the region at ``start``.
+
+    Where inpainting already made the region's scores flat (a model whose scores are floored at 0,
+    say), that median is (near) zero and ``L / g0`` would become a barrier that drowns every other
+    term as soon as a score rises again. There g0 falls back to the same median at the observed image,
+    where the anomaly gives the feature term its gradient; where that is zero too, to 1 (the feature
+    term is then flat around both points and its scale does not matter).
+    """
+    at_start = median_feature_gradient(objective, start)
+    at_observed = median_feature_gradient(objective, objective.observed)
+    scale = torch.where(at_start >= COLLAPSED_SCALE * at_observed, at_start, at_observed)
+    if not torch.isfinite(scale).all():
+        raise NonFiniteError("the feature gradients", torch.nonzero(~torch.isfinite(scale)).flatten().tolist())
+    return torch.where(scale > 0, scale, torch.ones_like(scale))

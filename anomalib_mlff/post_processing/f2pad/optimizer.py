@@ -22,8 +22,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from kornia.filters import joint_bilateral_blur
+from kornia.filters import get_gaussian_kernel2d
 from timm.optim import Adan
+from torch.nn import functional as F  # noqa: N812
+
+from .objective import NonFiniteError
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,45 @@ class OptimizerSettings:
     min_iterations: int = 0
 
 
+class GradientSharing:
+    """Bilateral-weighted mean of the gradients of the free neighbours of every free pixel (Eq. 13-14).
+
+    The weights depend only on the guidance (the observed image) and the region, which stay fixed for a
+    whole solve, so they are computed once here (kornia's tap weights: spatial Gaussian times colour
+    Gaussian on the L2 colour distance, reflected borders) and each call is one weighted sum over the
+    ``kernel_size**2`` taps. Dividing by the weights of the free neighbours normalises them to sum 1 there.
+
+    Args:
+        guidance: ``(B, C, H, W)`` image whose colours weigh the neighbours.
+        region: ``(B, H, W)`` free pixels; gradients outside it are neither shared nor received.
+    """
+
+    def __init__(
+        self, guidance: torch.Tensor, region: torch.Tensor, kernel_size: int, sigma_space: float, sigma_color: float
+    ) -> None:
+        self.kernel_size = kernel_size
+        space = get_gaussian_kernel2d(kernel_size, (sigma_space, sigma_space), device=guidance.device)
+        space = space.to(guidance.dtype).reshape(1, 1, -1, 1, 1)
+        taps = self._taps(guidance)  # (B, C, K, H, W)
+        colour = (taps - guidance[:, :, None]).square().sum(1, keepdim=True)
+        weights = space * torch.exp(-0.5 / sigma_color**2 * colour)  # (B, 1, K, H, W)
+        self.free = region[:, None].to(guidance.dtype)
+        self.weights = weights * self._taps(self.free)
+        normaliser = self.weights.sum(2).clamp_min(1e-12)
+        self.weights = self.weights / normaliser[:, :, None] * self.free[:, :, None]
+
+    def _taps(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Each pixel's ``kernel_size**2`` neighbours (reflected borders), ``(B, C, K, H, W)``."""
+        pad = self.kernel_size // 2
+        batch, channels, height, width = tensor.shape
+        padded = F.pad(tensor, (pad, pad, pad, pad), mode="reflect")
+        return F.unfold(padded, self.kernel_size).reshape(batch, channels, -1, height, width)
+
+    def __call__(self, gradient: torch.Tensor) -> torch.Tensor:
+        """Shared gradient ``(B, C, H, W)``, zero outside the region."""
+        return (self._taps(gradient * self.free) * self.weights).sum(2)
+
+
 def share_gradients(
     gradient: torch.Tensor,
     guidance: torch.Tensor,
@@ -52,19 +94,8 @@ def share_gradients(
     sigma_space: float,
     sigma_color: float,
 ) -> torch.Tensor:
-    """Bilateral-weighted mean of the gradients of the free neighbours of every free pixel.
-
-    ``gradient`` and ``guidance`` are ``(B, C, H, W)``, ``region`` ``(B, H, W)``; zero outside the region.
-    Dividing the filtered gradient by the filtered region mask normalises the weights over the free
-    neighbours only, so they sum to 1 there.
-    """
-    free = region[:, None].to(gradient.dtype)
-    space = (sigma_space, sigma_space)
-    weighted = joint_bilateral_blur(
-        gradient * free, guidance, kernel_size, sigma_color, space, color_distance_type="l2"
-    )
-    weights = joint_bilateral_blur(free, guidance, kernel_size, sigma_color, space, color_distance_type="l2")
-    return torch.where(free > 0, weighted / weights.clamp_min(1e-12), torch.zeros_like(gradient))
+    """One-off :class:`GradientSharing` of ``gradient`` (``(B, C, H, W)``) over ``region`` (``(B, H, W)``)."""
+    return GradientSharing(guidance, region, kernel_size, sigma_space, sigma_color)(gradient)
 
 
 def step_scale(anomalous_part: torch.Tensor, boost: float, eps: float) -> torch.Tensor:
@@ -102,10 +133,16 @@ def minimise(
     iterations = torch.zeros(batch, dtype=torch.long, device=start.device)
     best = torch.full((batch,), float("inf"), dtype=start.dtype, device=start.device)
     best_estimate = estimate.detach().clone()
+    sharing = (
+        GradientSharing(observed, region, settings.kernel_size, settings.sigma_space, settings.sigma_color)
+        if share
+        else None
+    )
     best_seen: list[torch.Tensor] = []
     values_seen: list[torch.Tensor] = []
     for iteration in range(settings.max_iterations + 1):
         values = objective(estimate)
+        check_finite("the objective", values)
         with torch.no_grad():
             improved = values < best
             best = torch.where(improved, values, best)
@@ -118,11 +155,10 @@ def minimise(
         if iteration == settings.max_iterations or not active.any():
             break
         (gradient,) = torch.autograd.grad(values.sum(), estimate)
+        check_finite("the objective's gradients", gradient)
         with torch.no_grad():
-            if share:
-                gradient = share_gradients(
-                    gradient, observed, region, settings.kernel_size, settings.sigma_space, settings.sigma_color
-                )
+            if sharing is not None:
+                gradient = sharing(gradient)
             estimate.grad = gradient.clamp(-settings.clip, settings.clip) * free
             before = estimate.detach().clone()
             optimiser.step()
@@ -132,3 +168,10 @@ def minimise(
             estimate.grad = None
         iterations += active.long()
     return best_estimate, OptimisationTrace(torch.stack(values_seen), iterations)
+
+
+def check_finite(what: str, values: torch.Tensor) -> None:
+    """Raise :class:`NonFiniteError` naming the images whose ``values`` hold NaN or inf."""
+    bad = ~torch.isfinite(values.flatten(1) if values.ndim > 1 else values[:, None]).all(1)
+    if bad.any():
+        raise NonFiniteError(what, bad.nonzero().flatten().tolist())

@@ -30,7 +30,9 @@ from torch.nn import functional as F  # noqa: N812
 
 from anomalib_mlff.components.normalization import PixelRange
 
+from .calibration import calibrate
 from .inpaint import Inpainter, build_inpainter
+from .objective import NonFiniteError
 from .optimizer import OptimizerSettings
 from .prior import PixelPrior
 from .refinement import Refinement, RefinementSettings, refine
@@ -73,6 +75,14 @@ class F2PAD(PostProcessor):
         max_iterations: iteration cap of the main solve.
         reestimate: re-estimate the normal image inside the final mask without the sparsity term.
         reestimation_iterations: iteration cap of the re-estimation.
+        min_explained: do no harm: an image keeps the backbone's mask (and its map) unless the recovered
+            normal image, changed only inside the refined mask, removes at least this share of the anomaly
+            score that inpainting the initial mask removes (``Refinement.explained``); 0 trusts every refinement.
+        calibration_images: normal training images on which, when training ends, synthetic defects are drawn
+            and the sparsity, prior and TV weights and the mask threshold are chosen (see ``calibration.py``);
+            0 keeps the given weights.
+        calibration_veto: if no choice beat the initial masks on the calibration's synthetic defects
+            (``calibration["refines"]`` false), every image keeps the backbone's mask.
         share_gradients: local gradient sharing on (off gives plain Adan).
         inpainter: ``"telea"``, ``"ns"``, ``"biharmonic"`` or an inpainter such as ``MAEInpainter``.
         replace_anomaly_map: put the map of |A| (mask threshold at 0.5) into ``anomaly_map``.
@@ -106,6 +116,9 @@ class F2PAD(PostProcessor):
         max_iterations: int = 1200,
         reestimate: bool = True,
         reestimation_iterations: int = 200,
+        min_explained: float = 0.5,
+        calibration_images: int = 6,
+        calibration_veto: bool = False,
         share_gradients: bool = True,
         inpainter: str | Inpainter = "telea",
         replace_anomaly_map: bool = True,
@@ -135,6 +148,11 @@ class F2PAD(PostProcessor):
         self.max_iterations = max_iterations
         self.reestimate = reestimate
         self.reestimation_iterations = reestimation_iterations
+        self.min_explained = min_explained
+        self.calibration_images = calibration_images
+        self.calibration_veto = calibration_veto
+        self.calibration: dict[str, Any] | None = None
+        self._calibration_samples: list[torch.Tensor] = []
         self.share_gradients = share_gradients
         self.inpainter = build_inpainter(inpainter)
         self.replace_anomaly_map = replace_anomaly_map
@@ -169,6 +187,10 @@ class F2PAD(PostProcessor):
             "max_iterations",
             "reestimate",
             "reestimation_iterations",
+            "min_explained",
+            "calibration_images",
+            "calibration_veto",
+            "calibration",
             "share_gradients",
             "replace_anomaly_map",
             "enabled",
@@ -208,6 +230,7 @@ class F2PAD(PostProcessor):
             mask_threshold=self.mask_threshold,
             reestimate=self.reestimate,
             reestimation_iterations=self.reestimation_iterations,
+            min_explained=self.min_explained,
             share_gradients=self.share_gradients,
             optimizer=OptimizerSettings(
                 lr=self.lr,
@@ -241,9 +264,12 @@ class F2PAD(PostProcessor):
         del trainer, outputs, batch_idx
         images = batch.image
         self.model_input_size = (int(images.shape[-2]), int(images.shape[-1]))
+        pixels = _pixel_range(pl_module).to_unit(images.detach()).clamp(0, 1)
+        wanted = self.calibration_images - sum(len(sample) for sample in self._calibration_samples)
+        if self.calibration is None and wanted > 0:
+            self._calibration_samples.append(pixels[:wanted].cpu())
         if self.pixel_prior.is_fitted or self._collected() >= self.prior_samples:
             return
-        pixels = _pixel_range(pl_module).to_unit(images.detach()).clamp(0, 1)
         per_image = max(1, self.prior_samples // 50)
         flat = pixels.permute(0, 2, 3, 1).reshape(images.shape[0], -1, images.shape[1])
         picks = torch.randint(flat.shape[1], (images.shape[0], per_image), device=flat.device)
@@ -251,9 +277,38 @@ class F2PAD(PostProcessor):
         self._pixel_samples.append(sample[: self.prior_samples - self._collected()].cpu())
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Fit the pixel prior on the sampled training pixels."""
-        del trainer, pl_module
+        """Fit the pixel prior on the sampled training pixels, then choose the weights (``calibration_images``)."""
+        del trainer
         self._fit_prior_from_samples()
+        if self.enabled:
+            self._calibrate(pl_module)
+
+    def _calibrate(self, pl_module: LightningModule) -> None:
+        """Choose the sparsity, prior and TV weights on synthetic defects of the collected training images."""
+        if not self._calibration_samples:
+            return
+        images = torch.cat(self._calibration_samples).to(pl_module.device)
+        self._calibration_samples.clear()
+        pixel_range = _pixel_range(pl_module)
+        scorer = build_scorer(pl_module.model, pixel_range, self.num_candidates)
+        settings = self.settings(scorer.tolerance if self.tolerance is None else self.tolerance)
+        was_training = pl_module.model.training
+        pl_module.model.eval()
+
+        def anomaly_map(unit_images: torch.Tensor) -> torch.Tensor:
+            maps = pl_module.model(pixel_range.from_unit(unit_images)).anomaly_map
+            return F.interpolate(maps.reshape(maps.shape[0], 1, *maps.shape[-2:]), size=unit_images.shape[-2:])[:, 0]
+
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                prior = self.pixel_prior if self.pixel_prior.is_fitted else None
+                result = calibrate(images, anomaly_map, scorer, self.inpainter, prior, settings)
+        finally:
+            pl_module.model.train(was_training)
+        for name, value in result.weights.items():
+            setattr(self, name, value)
+        self.calibration = result.to_config()
+        logger.info("F2PAD calibration on %d synthetic defects: %s", len(images), result.weights)
 
     def fit_pixel_prior(self, images: torch.Tensor) -> None:
         """Fit the pixel prior on all pixels of [0, 1] images ``(B, C, H, W)`` (for use outside an Engine)."""
@@ -307,26 +362,42 @@ class F2PAD(PostProcessor):
         with torch.inference_mode(False), torch.enable_grad():
             images = pixel_range.to_unit(batch.image.clone()).clamp(0, 1)
             initial = self._initial_masks(batch, raw_anomaly_map, images.shape[-2:]).clone()
-            result = refine(
-                images,
-                initial,
-                scorer,
-                self.inpainter,
-                self.pixel_prior,
-                self.settings(tolerance),
-                working_size=self.model_input_size,
-            )
+            try:
+                result = refine(
+                    images,
+                    initial,
+                    scorer,
+                    self.inpainter,
+                    self.pixel_prior,
+                    self.settings(tolerance),
+                    working_size=self.model_input_size,
+                )
+            except NonFiniteError as error:
+                raise ValueError(f"F2PAD: {error.what} of {_names(batch, error.items)} hold NaN or inf.") from error
+        if self.calibration_veto and self.calibration is not None and not self.calibration["refines"]:
+            result = result.fall_back(initial)  # no refinement beat the initial masks when calibrating
         batch.initial_mask = initial
         batch.pred_mask = result.pred_mask
         batch.normal_image = result.normal_image
+        batch.f2pad_fallback = result.fallback
         if self.replace_anomaly_map:
-            batch.anomaly_map = result.anomaly_map(self.mask_threshold)
+            refined_map = result.anomaly_map(self.mask_threshold)
+            if batch.anomaly_map is not None:
+                kept = result.fallback.reshape(-1, *([1] * (batch.anomaly_map.ndim - 1)))
+                refined_map = torch.where(kept, batch.anomaly_map, refined_map.reshape(batch.anomaly_map.shape))
+            batch.anomaly_map = refined_map
         if self.visualization_dir is not None:
             self._save_figures(batch, images, result)
         return result
 
     def _initial_masks(self, batch: Batch, raw_anomaly_map: torch.Tensor | None, size: torch.Size) -> torch.Tensor:
         """The backbone's masks at the image size, ``(B, H, W)`` bool."""
+        if raw_anomaly_map is not None:
+            bad = ~torch.isfinite(raw_anomaly_map.reshape(raw_anomaly_map.shape[0], -1)).all(1)
+            if bad.any():
+                items = bad.nonzero().flatten().tolist()
+                msg = f"F2PAD: the anomaly maps of {_names(batch, items)} hold NaN or inf; the model gave no usable map."
+                raise ValueError(msg)
         if self.initial_threshold is None and torch.isnan(self._pixel_threshold).item():
             self._warn_no_pixel_threshold(from_batch_mask=batch.pred_mask is not None)
         if self.initial_threshold is not None or batch.pred_mask is None:
@@ -380,6 +451,12 @@ class F2PAD(PostProcessor):
         ):
             name = "_".join(Path(path).with_suffix("").parts[-2:]) + ".png"
             refinement_figure(image, normal, mask, gt_mask).save(self.visualization_dir / name)
+
+
+def _names(batch: Batch, items: list[int]) -> str:
+    """The images at batch positions ``items``, by path where the batch has them."""
+    paths = batch.image_path
+    return ", ".join(str(paths[item]) if paths else f"batch image {item}" for item in items)
 
 
 def _pixel_range(pl_module: LightningModule) -> PixelRange:

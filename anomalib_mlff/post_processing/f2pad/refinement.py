@@ -20,8 +20,8 @@ import torch
 from torch.nn import functional as F  # noqa: N812
 
 from .inpaint import Inpainter
-from .objective import Objective, calibrate_feature_scale
-from .optimizer import OptimizerSettings, minimise
+from .objective import NonFiniteError, Objective, calibrate_feature_scale
+from .optimizer import OptimizerSettings, check_finite, minimise
 from .prior import PixelPrior
 from .scorers import DifferentiableScorer
 from .window import FeatureWindow, dilate, positions_touched
@@ -42,6 +42,7 @@ class RefinementSettings:
     reestimate: bool = True
     reestimation_iterations: int = 200
     share_gradients: bool = True
+    min_explained: float = 0.5
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
 
 
@@ -55,6 +56,10 @@ class Refinement:
         normal_image: recovered normal images ``(B, C, H, W)`` in [0, 1].
         initial_normal_image: the inpainted start X_N^0 ``(B, C, H, W)``.
         iterations: optimiser iterations per image (both solves), ``(B,)``.
+        explained: share of the anomaly score that inpainting the initial mask removes which the recovered
+            normal image removes too, changing only the refined mask's pixels, ``(B,)`` (see :func:`explained`).
+        fallback: images whose refinement was not trusted (``explained < min_explained``) and whose
+            ``pred_mask`` is the initial mask, ``(B,)`` bool.
     """
 
     pred_mask: torch.Tensor
@@ -62,6 +67,8 @@ class Refinement:
     normal_image: torch.Tensor
     initial_normal_image: torch.Tensor
     iterations: torch.Tensor
+    explained: torch.Tensor
+    fallback: torch.Tensor
 
     @classmethod
     def unchanged(cls, images: torch.Tensor) -> Refinement:
@@ -73,7 +80,15 @@ class Refinement:
             normal_image=images.clone(),
             initial_normal_image=images.clone(),
             iterations=torch.zeros(batch, dtype=torch.long, device=images.device),
+            explained=torch.ones(batch, dtype=images.dtype, device=images.device),
+            fallback=torch.zeros(batch, dtype=torch.bool, device=images.device),
         )
+
+    def fall_back(self, initial_masks: torch.Tensor) -> Refinement:
+        """The result with every image that had a mask kept at ``initial_masks``."""
+        fallback = initial_masks.flatten(1).any(1)
+        pred_mask = torch.where(fallback[:, None, None], initial_masks.bool(), self.pred_mask)
+        return replace(self, pred_mask=pred_mask, fallback=fallback)
 
     def anomaly_map(self, mask_threshold: float) -> torch.Tensor:
         """|A| mapped into [0, 1) as ``|A| / (|A| + threshold)``: the mask threshold lands on 0.5."""
@@ -90,22 +105,44 @@ def refine(
     working_size: tuple[int, int] | None = None,
 ) -> Refinement:
     """Refine ``initial_masks`` ``(B, H, W)`` of [0, 1] ``images`` ``(B, C, H, W)``; see the module docstring."""
+    check_finite("the images", images)
     result = Refinement.unchanged(images)
-    todo = initial_masks.flatten(1).any(1).nonzero().flatten()
-    if todo.numel() == 0:
-        return result
+    todo = initial_masks.flatten(1).any(1).nonzero().flatten().tolist()
     size = tuple(images.shape[-2:])
     working_size = tuple(scorer.working_size(size) if working_size is None else working_size)
-    observed, masks = images[todo], initial_masks[todo].bool()
-    if working_size != size:
-        observed = F.interpolate(observed, size=working_size, mode="bilinear", antialias=True).clamp(0, 1)
-        masks = F.interpolate(masks[:, None].float(), size=working_size, mode="nearest")[:, 0] > 0
-    refined = _refine_at_model_size(observed, masks, scorer, inpainter, prior, settings)
-    if working_size != size:
-        refined = _resize(refined, images[todo], settings.mask_threshold)
-    for name in ("pred_mask", "magnitude", "normal_image", "initial_normal_image", "iterations"):
-        getattr(result, name)[todo] = getattr(refined, name)
+    for index in todo:  # one image at a time: its own crop and its own stopping point
+        observed, masks = images[index : index + 1], initial_masks[index : index + 1].bool()
+        if working_size != size:
+            observed = F.interpolate(observed, size=working_size, mode="bilinear", antialias=True).clamp(0, 1)
+            masks = F.interpolate(masks[:, None].float(), size=working_size, mode="nearest")[:, 0] > 0
+        try:
+            refined = _refine_at_model_size(observed, masks, scorer, inpainter, prior, settings)
+        except NonFiniteError as error:
+            raise NonFiniteError(error.what, [index]) from error
+        if working_size != size:
+            refined = _resize(refined, images[index : index + 1], settings.mask_threshold)
+        for name in _FIELDS:
+            getattr(result, name)[index] = getattr(refined, name)[0]
+    result.fallback = result.explained < settings.min_explained
+    result.pred_mask = torch.where(result.fallback[:, None, None], initial_masks.bool(), result.pred_mask)
     return result
+
+
+_FIELDS = ("pred_mask", "magnitude", "normal_image", "initial_normal_image", "iterations", "explained")
+
+
+def explained(observed: torch.Tensor, start: torch.Tensor, recovered: torch.Tensor) -> torch.Tensor:
+    """Share of the score drop ``observed - start`` that ``recovered`` achieves, in [0, 1]; ``(B,)``.
+
+    ``observed``, ``start`` and ``recovered`` are the feature term L at the input X, at the inpainted
+    start X_N^0 and at the recovered normal image X_N. X_N may differ from X only inside the refined mask
+    (the re-estimation frees exactly those pixels), so a share near 1 says the refined mask holds what made
+    the region anomalous, and a share near 0 that the anomaly lies (mostly) outside it. Where inpainting
+    lowers no score, nothing is to be explained and the share is 1.
+    """
+    drop = observed - start
+    share = (observed - recovered) / drop.clamp_min(1e-12)
+    return torch.where(drop > 0, share.clamp(0, 1), torch.ones_like(share))
 
 
 def _refine_at_model_size(
@@ -140,6 +177,7 @@ def _refine_at_model_size(
     )
     objective = replace(objective, feature_scale=calibrate_feature_scale(objective, start_crop))
     optimizer = replace(settings.optimizer, eps=settings.log_eps)
+    score_observed, score_start = objective.feature_score(observed_crop), objective.feature_score(start_crop)
     normal, trace = minimise(objective, start_crop, observed_crop, region_crop, optimizer, settings.share_gradients)
     iterations = trace.iterations
     magnitude = torch.linalg.vector_norm(observed_crop - normal, dim=1) * region_crop
@@ -151,12 +189,16 @@ def _refine_at_model_size(
             recovery, normal, observed_crop, mask, recovery_settings, settings.share_gradients
         )
         iterations = iterations + recovery_trace.iterations
+    recovered = torch.where(mask[:, None], normal, observed_crop)  # X changed only inside the refined mask
+    share = explained(score_observed, score_start, objective.feature_score(recovered))
     return Refinement(
         pred_mask=window.paste(mask, torch.zeros_like(initial_masks)),
         magnitude=window.paste(magnitude, torch.zeros_like(initial_masks, dtype=observed.dtype)),
         normal_image=window.paste(normal, observed),
         initial_normal_image=start,
         iterations=iterations,
+        explained=share,
+        fallback=torch.zeros_like(share, dtype=torch.bool),
     )
 
 
@@ -176,4 +218,6 @@ def _resize(refined: Refinement, observed: torch.Tensor, mask_threshold: float) 
         normal_image=restore(refined.normal_image),
         initial_normal_image=restore(refined.initial_normal_image),
         iterations=refined.iterations,
+        explained=refined.explained,
+        fallback=refined.fallback,
     )
