@@ -47,6 +47,7 @@ class FaissPatchcore(Patchcore):
         fp16: float16 storage in the approximate index.
         ef_search: HNSW search breadth; nprobe: IVF lists visited per query.
         search_budget_mb: memory cap of one distance block in torch search (export, CUDA without faiss-gpu).
+        shards: CPU shards of the search index; gpus: GPUs a CUDA bank is sharded across (-1: all).
         memory_budget_mb: memory for the training embeddings while the coreset is chosen (per rank);
             a larger training set streams through it (see :class:`StreamingCoreset`). Within the
             budget the coreset is exactly the all-in-memory one.
@@ -72,6 +73,8 @@ class FaissPatchcore(Patchcore):
         nprobe: int = 16,
         search_budget_mb: float = 256.0,
         memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+        shards: int = 1,
+        gpus: int = 1,
         seed: int | None = None,
         skip_bad_images: bool = False,
         precision: str | PrecisionType = PrecisionType.FLOAT32,
@@ -87,6 +90,8 @@ class FaissPatchcore(Patchcore):
             ef_search=ef_search,
             nprobe=nprobe,
             search_budget_mb=search_budget_mb,
+            shards=shards,
+            gpus=gpus,
             seed=seed,
         )
         # anomalib's __init__ sets up everything (components, precision checks) around a

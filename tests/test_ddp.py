@@ -1,0 +1,102 @@
+"""Fitting under DDP on CPU (gloo): the collectives with uneven and empty ranks, and 2-process Lightning fits
+of FaissPatchcore and MFFA whose rank-0 checkpoint holds the whole bank.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from anomalib_mlff import MFFA, FaissPatchcore
+from anomalib_mlff.components.gaussian_stats import GaussianAccumulator
+from anomalib_mlff.components.streaming_coreset import StreamingCoreset
+from anomalib_mlff.data import EMBEDDED_ROOT
+from tests import lightning_helpers as helpers
+from tests.conftest import REPO_ROOT
+
+RATIO = 0.1
+
+
+def shards() -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank 0's embeddings (uneven batches) and the Gaussian embeddings of its 5 images; rank 1 gets none."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(700, 16, generator=generator), torch.randn(5, 3, 2, 2, generator=generator, dtype=torch.float64)
+
+
+def _rank(rank: int, init_file: str, results: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    embeddings, gaussian = shards()
+    store = StreamingCoreset(RATIO, memory_budget_mb=0.2, seed=0, progress=False)  # 1638 rows: no reduction
+    accumulator = GaussianAccumulator()
+    if rank == 0:  # rank 1 sees no training image
+        for batch in embeddings.split(300):
+            store.append(batch)
+        accumulator.update(gaussian)
+    coreset = store.finish()
+    accumulator.combine_ranks()
+    torch.save({"coreset": coreset, "mean_cov": accumulator.mean_and_covariance()}, f"{results}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_collectives_combine_uneven_and_empty_ranks(tmp_path: Path) -> None:
+    results = str(tmp_path / "result")
+    mp.spawn(_rank, args=(str(tmp_path / "init"), results), nprocs=2, join=True)
+    first, second = (torch.load(f"{results}.{rank}") for rank in (0, 1))
+    assert torch.equal(first["coreset"], second["coreset"])  # the same coreset on every rank
+    embeddings, gaussian = shards()
+    single = StreamingCoreset(RATIO, memory_budget_mb=0.2, seed=0, progress=False)
+    single.append(embeddings)
+    assert torch.equal(first["coreset"], single.finish())  # rank 0 held everything: the single-process result
+    alone = GaussianAccumulator()
+    alone.update(gaussian)
+    for rank_result in (first, second):
+        for got, expected in zip(rank_result["mean_cov"], alone.mean_and_covariance(), strict=True):
+            torch.testing.assert_close(got, expected)
+
+
+def ddp_fit(model_name: str, tmp_path: Path, devices: int) -> Path:
+    """Fit with ``devices`` gloo processes through Lightning's DDP launcher (tests/ddp_fit.py); the checkpoint."""
+    checkpoint = tmp_path / f"{model_name}_{devices}.ckpt"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run(  # noqa: S603 - our interpreter and script
+        [sys.executable, "-m", "tests.ddp_fit", model_name, str(EMBEDDED_ROOT / "brick"), str(checkpoint), str(devices)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert Path(f"{checkpoint}.world").read_text() == str(devices)  # really ran on that many processes
+    return checkpoint
+
+
+def test_ddp_faiss_patchcore_checkpoint_holds_the_whole_bank_and_scores_as_one_process(tmp_path: Path) -> None:
+    checkpoint = ddp_fit("faiss_patchcore", tmp_path, devices=2)
+    model = FaissPatchcore.load_from_checkpoint(checkpoint)
+    data = helpers.datamodule(batch_size=8)
+    data.setup()
+    patches = (helpers.IMAGE_SIZE // 8) ** 2
+    assert model.model.memory_bank.shape == (int(len(data.train_data) * patches * RATIO), 384)
+    engine = helpers.quiet_engine(tmp_path / "test", enable_model_summary=False)
+    ddp = engine.test(model, datamodule=data, verbose=False)[0]
+    single = engine.test(FaissPatchcore.load_from_checkpoint(ddp_fit("faiss_patchcore", tmp_path, devices=1)),
+                         datamodule=data, verbose=False)[0]
+    for key in ("image_AUROC", "pixel_AUROC"):
+        assert ddp[key] == pytest.approx(single[key], abs=0.005), (key, ddp[key], single[key])
+
+
+def test_ddp_mffa_trains_psg_and_fills_the_whole_bank_and_the_gaussians(tmp_path: Path) -> None:
+    checkpoint = ddp_fit("mffa", tmp_path, devices=2)
+    model = MFFA.load_from_checkpoint(checkpoint)
+    data = helpers.datamodule(batch_size=8)
+    data.setup()
+    patches = (helpers.IMAGE_SIZE // 8) ** 2
+    assert model.model.nns.bank.memory_bank.shape[0] == int(len(data.train_data) * patches * 0.05)
+    assert model.model.gaussian.is_fitted
+    maps = helpers.predict_maps(model, helpers.pick_test_images(data, step=10, count=3))
+    assert bool(torch.isfinite(maps).all())
