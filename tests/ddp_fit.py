@@ -27,7 +27,7 @@ def tiny(model_name: str) -> FaissPatchcore | MFFA:
         return FaissPatchcore(
             backbone="resnet18",
             pre_trained=False,
-            coreset_sampling_ratio=0.1,
+            coreset_sampling_ratio=1.0,  # the whole bank: comparable row for row with one process
             seed=SEED,
             pre_processor=FaissPatchcore.configure_pre_processor(image_size=(helpers.IMAGE_SIZE,) * 2),
             visualizer=False,

@@ -8,18 +8,20 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from anomalib_mlff import MFFA, FaissPatchcore
+from anomalib_mlff import MFFA, MLFF, FaissPatchcore
 from anomalib_mlff.components.gaussian_stats import GaussianAccumulator
 from anomalib_mlff.components.streaming_coreset import StreamingCoreset
 from anomalib_mlff.data import EMBEDDED_ROOT
 from tests import lightning_helpers as helpers
 from tests.conftest import REPO_ROOT
+from tests.ddp_fit import tiny
 
 RATIO = 0.1
 
@@ -76,18 +78,20 @@ def ddp_fit(model_name: str, tmp_path: Path, devices: int) -> Path:
 
 
 def test_ddp_faiss_patchcore_checkpoint_holds_the_whole_bank_and_scores_as_one_process(tmp_path: Path) -> None:
-    checkpoint = ddp_fit("faiss_patchcore", tmp_path, devices=2)
-    model = FaissPatchcore.load_from_checkpoint(checkpoint)
+    """Coreset ratio 1: the 2-rank bank must hold every training embedding, as one process's does."""
+    model = FaissPatchcore.load_from_checkpoint(ddp_fit("faiss_patchcore", tmp_path, devices=2))
     data = helpers.datamodule(batch_size=8)
-    data.setup()
-    patches = (helpers.IMAGE_SIZE // 8) ** 2
-    assert model.model.memory_bank.shape == (int(len(data.train_data) * patches * RATIO), 384)
-    engine = helpers.quiet_engine(tmp_path / "test", enable_model_summary=False)
-    ddp = engine.test(model, datamodule=data, verbose=False)[0]
-    single = engine.test(FaissPatchcore.load_from_checkpoint(ddp_fit("faiss_patchcore", tmp_path, devices=1)),
-                         datamodule=data, verbose=False)[0]
+    single = tiny("faiss_patchcore")
+    engine = helpers.quiet_engine(tmp_path / "single", enable_model_summary=False)
+    engine.fit(single, datamodule=data)
+    bank, expected = model.model.memory_bank, single.model.memory_bank
+    assert bank.shape == expected.shape == (len(data.train_data) * (helpers.IMAGE_SIZE // 8) ** 2, 384)
+    distances = torch.cdist(bank, expected, compute_mode="donot_use_mm_for_euclid_dist")
+    assert float(distances.amin(dim=1).max()) < 1e-4  # the same rows, in another order
+    ddp_scores = engine.test(model, datamodule=data, verbose=False)[0]
+    single_scores = engine.test(single, datamodule=data, verbose=False)[0]
     for key in ("image_AUROC", "pixel_AUROC"):
-        assert ddp[key] == pytest.approx(single[key], abs=0.005), (key, ddp[key], single[key])
+        assert ddp_scores[key] == pytest.approx(single_scores[key], abs=0.005), key
 
 
 def test_ddp_mffa_trains_psg_and_fills_the_whole_bank_and_the_gaussians(tmp_path: Path) -> None:
@@ -100,3 +104,13 @@ def test_ddp_mffa_trains_psg_and_fills_the_whole_bank_and_the_gaussians(tmp_path
     assert model.model.gaussian.is_fitted
     maps = helpers.predict_maps(model, helpers.pick_test_images(data, step=10, count=3))
     assert bool(torch.isfinite(maps).all())
+
+
+def test_mlff_refuses_repeated_batches_under_ddp() -> None:
+    """Only the first backward of a step is averaged by DDP: repeat > 1 would let the ranks drift apart."""
+    model = helpers.tiny_model(MLFF, feature_dim=32, tem_levels=8, ptfem_levels=4, repeat=2)
+    model._trainer = SimpleNamespace(world_size=2, datamodule=None)  # noqa: SLF001 - a trainer stand-in
+    with pytest.raises(ValueError, match="repeat=2 cannot train on 2 DDP processes"):
+        model.on_fit_start()
+    model._trainer = SimpleNamespace(world_size=1, datamodule=None)  # noqa: SLF001
+    model.on_fit_start()  # one process: repeated batches are fine

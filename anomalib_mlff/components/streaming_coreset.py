@@ -78,6 +78,7 @@ class StreamingCoreset:
     def clear(self) -> None:
         """Forget every embedding seen."""
         self._buffer: torch.Tensor | None = None
+        self._capacity = 0  # most rows the budget allows, known from the first batch's width
         self.rows = 0  # candidates held
         self.seen = 0  # embeddings streamed in
         self.reductions = 0
@@ -106,12 +107,13 @@ class StreamingCoreset:
         elif embeddings.shape[1] != self._buffer.shape[1]:
             msg = f"embeddings have dimension {embeddings.shape[1]}, earlier ones {self._buffer.shape[1]}."
             raise ValueError(msg)
-        capacity = self._buffer.shape[0]
+        capacity = self._capacity
         start = 0
         while start < embeddings.shape[0]:
             if self.rows == capacity:
                 self._reduce(capacity // 2)
             stop = start + min(capacity - self.rows, embeddings.shape[0] - start)
+            self._reserve(self.rows + stop - start)
             self._buffer[self.rows : self.rows + stop - start] = embeddings[start:stop]
             self.rows += stop - start
             self.seen += stop - start
@@ -123,11 +125,19 @@ class StreamingCoreset:
 
     def _allocate(self, embeddings: torch.Tensor) -> None:
         dim = embeddings.shape[1]
-        capacity = self.capacity(dim)
-        if capacity < 2:
+        self._capacity = self.capacity(dim)
+        if self._capacity < 2:  # noqa: PLR2004 - a reduction keeps half
             self._raise_budget(needed_rows=2, dim=dim)
-        # Untouched pages of an empty tensor are not resident: small training sets use little memory.
-        self._buffer = torch.empty(capacity, dim, dtype=embeddings.dtype, device=embeddings.device)
+        self._buffer = embeddings.new_empty(min(self._capacity, embeddings.shape[0]), dim)
+
+    def _reserve(self, rows: int) -> None:
+        """Grow the buffer (doubling, at most to the capacity) to hold ``rows``: a small set never takes the budget."""
+        if rows <= self._buffer.shape[0]:
+            return
+        size = min(self._capacity, max(rows, 2 * self._buffer.shape[0]))
+        grown = self._buffer.new_empty(size, self._buffer.shape[1])
+        grown[: self.rows] = self._buffer[: self.rows]
+        self._buffer = grown
 
     def _reduce(self, target: int) -> None:
         """Replace the candidates by a greedy k-center coreset of ``target`` of them, compacted in place."""
@@ -189,7 +199,7 @@ class StreamingCoreset:
         """Reduce this rank's candidates to its share of the buffer, so that all ranks' together fit the budget."""
         if self._buffer is None:
             return
-        share = self._buffer.shape[0] // ranks
+        share = self._capacity // ranks
         if self.rows > share:
             needed = coreset_size(total, self.sampling_ratio)
             if needed > share:

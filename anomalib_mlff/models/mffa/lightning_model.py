@@ -3,8 +3,9 @@
 Training has two phases, both ordinary Lightning epochs, so the progress bar shows each:
 
 1. PSG (``psg_epochs`` epochs, only with ``use_psg``): every normal batch becomes a 3-way
-   normal / CutPaste / CutPaste-Scar classification batch; SGD fine-tunes the backbone
-   (automatic optimisation over the cross-entropy).
+   normal / CutPaste / CutPaste-Scar classification batch; SGD fine-tunes the backbone over
+   the cross-entropy (manual optimisation: one zero_grad/backward/step per batch, as Lightning's
+   automatic loop would do, so that the fill epoch can skip optimising under DDP).
 2. Fill (one more epoch): the backbone in eval mode embeds the training images, batch by batch
    into bounded-memory fit state (a streaming coreset, Gaussian running sums); at the end of
    that epoch (before validation) the memory bank is filled and the Gaussians are fitted, from
@@ -100,6 +101,9 @@ class MFFA(PseudoAnomalyMixin, AnomalibModule):
             msg = f"psg_epochs must be a positive integer with use_psg=True, got psg_epochs={psg_epochs!r}."
             raise ValueError(msg)
         self.loss = PSGLoss()
+        # Manual optimisation: the fill epoch's steps optimise nothing, and under DDP Lightning's
+        # automatic optimisation does not allow a step that returns no loss.
+        self.automatic_optimization = False
         self.psg_epochs = psg_epochs if self.use_psg else 0
         self.seed = self.model.seed
         self._pseudo_generator = torch.Generator().manual_seed(self.seed)
@@ -173,7 +177,11 @@ class MFFA(PseudoAnomalyMixin, AnomalibModule):
             on_epoch=True,
             batch_size=len(labels),
         )
-        return losses["loss"]
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(losses["loss"])
+        optimizer.step()
+        return losses["loss"].detach()
 
     def _fit_collected(self) -> None:
         """Fit the branches from the fill epoch's accumulated state (once; every DDP rank takes part)."""
