@@ -50,7 +50,8 @@ def _rank(rank: int, init_file: str, results: str) -> None:
 
 def test_collectives_combine_uneven_and_empty_ranks(tmp_path: Path) -> None:
     results = str(tmp_path / "result")
-    mp.spawn(_rank, args=(str(tmp_path / "init"), results), nprocs=2, join=True)
+    # fork: the ranks inherit the imported modules (a spawned rank would import anomalib again, ~30 s)
+    mp.start_processes(_rank, args=(str(tmp_path / "init"), results), nprocs=2, join=True, start_method="fork")
     first, second = (torch.load(f"{results}.{rank}") for rank in (0, 1))
     assert torch.equal(first["coreset"], second["coreset"])  # the same coreset on every rank
     embeddings, gaussian = shards()
