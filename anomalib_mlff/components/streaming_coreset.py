@@ -34,7 +34,8 @@ __all__ = ["DEFAULT_MEMORY_BUDGET_MB", "StreamingCoreset"]
 
 #: Default candidate budget: holds ~350k 384-wide (resnet18) or ~87k 1536-wide (WideResNet-50) embeddings.
 DEFAULT_MEMORY_BUDGET_MB = 1024.0
-#: The budget covers the candidates and the reduction's working copy (its random projection), one half each.
+#: The budget covers the candidates and, as much again, the working memory of a greedy pass (the final pass's
+#: random projection) or of the buffer growing.
 _COPIES = 2
 #: Rows moved per step when the kept candidates are compacted to the front of the buffer.
 _COMPACT_CHUNK = 4096
