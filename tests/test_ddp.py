@@ -70,7 +70,8 @@ def ddp_fit(model_name: str, tmp_path: Path, devices: int) -> Path:
     checkpoint = tmp_path / f"{model_name}_{devices}.ckpt"
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     done = subprocess.run(  # noqa: S603 - our interpreter and script
-        [sys.executable, "-m", "tests.ddp_fit", model_name, str(EMBEDDED_ROOT / "brick"), str(checkpoint), str(devices)],
+        [sys.executable, "-m", "tests.ddp_fit", model_name, str(EMBEDDED_ROOT / "brick"), str(checkpoint),
+         str(devices)],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]

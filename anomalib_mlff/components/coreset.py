@@ -132,7 +132,9 @@ def greedy_coreset_of_size(
     progress: bool = True,
     project: bool = True,
 ) -> torch.Tensor:
-    """Indices of a greedy k-center coreset of ``size`` (in ``[1, count]``) valid ``embeddings``; see :func:`greedy_coreset`.
+    """Indices of a greedy k-center coreset of ``size`` (in ``[1, count]``) of valid ``embeddings``.
+
+    As :func:`greedy_coreset`, with the size given instead of a ratio.
 
     ``project=False`` measures exact distances instead of projected ones (slower on wide
     embeddings, no projected copy): the streaming coreset's intermediate reductions use it, so

@@ -9,7 +9,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["broadcast_from_first", "gather_rows", "is_distributed", "max_across_ranks", "sum_across_ranks", "world_size"]
+__all__ = [
+    "broadcast_from_first",
+    "gather_rows",
+    "is_distributed",
+    "max_across_ranks",
+    "sum_across_ranks",
+    "world_size",
+]
 
 
 def is_distributed() -> bool:

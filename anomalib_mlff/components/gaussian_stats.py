@@ -40,7 +40,8 @@ class GaussianAccumulator:
             self.sums = vectors.new_zeros(positions, channels)
             self.outer = vectors.new_zeros(positions, channels, channels)
         elif self.sums.shape != (vectors.shape[0], channels):
-            msg = f"embedding has {channels} channels x {vectors.shape[0]} positions, earlier ones {tuple(self.sums.shape[::-1])}."
+            earlier = tuple(self.sums.shape[::-1])
+            msg = f"embedding has {channels} channels x {vectors.shape[0]} positions, earlier ones {earlier}."
             raise ValueError(msg)
         self.sums += vectors.sum(dim=1)
         self.outer.baddbmm_(vectors.transpose(1, 2), vectors)

@@ -12,14 +12,16 @@ Approximation (composable k-center coresets, Malkomes et al., NeurIPS 2015; Indy
 final coverage radius is at most the final greedy radius plus the radii of the reductions it went
 through, and each greedy reduction to ``m >= k`` centres is within twice the optimal ``m``-center
 radius of what it reduced. Reductions measure exact distances (no random projection), so their
-error is not compounded by the projection's distortion; the final pass is PatchCore's. With reductions far larger than the coreset the added radius is small
-(with a buffer of about 5x the coreset, ``tests/test_streaming_coreset.py`` checks the radius
-within 5% of the all-in-memory greedy on PatchCore embeddings; at 3x it was 2-9% larger). When the
-budget holds every embedding no reduction runs and the result is exactly the all-in-memory fit.
+error is not compounded by the projection's distortion; the final pass is PatchCore's.
 
-Under DDP each rank streams its own shard; :meth:`StreamingCoreset.finish` reduces each rank's
-candidates to ``capacity // world_size``, gathers them, and rank 0's greedy choice is broadcast,
-so every rank ends with the identical coreset.
+With reductions far larger than the coreset the added radius is small (with a buffer of about 5x the
+coreset, ``tests/test_streaming_coreset.py`` checks the radius within 5% of the all-in-memory
+greedy on PatchCore embeddings; at 3x it was 2-9% larger). When the budget holds every embedding
+no reduction runs and the result is exactly the all-in-memory fit.
+
+Under DDP each rank streams its own shard; :meth:`StreamingCoreset.finish` reduces each rank's candidates to ``capacity //
+world_size``, gathers them, and rank 0's greedy choice is broadcast, so every rank ends with the
+identical coreset.
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ class StreamingCoreset:
         parameter: str = "memory_budget_mb",
     ) -> None:
         coreset_size(1, sampling_ratio)  # checks the ratio
-        if isinstance(memory_budget_mb, bool) or not isinstance(memory_budget_mb, (int, float)) or not memory_budget_mb > 0:
+        number = isinstance(memory_budget_mb, (int, float)) and not isinstance(memory_budget_mb, bool)
+        if not number or not memory_budget_mb > 0:
             msg = f"{parameter} must be a positive number of MB, got {memory_budget_mb!r}."
             raise ValueError(msg)
         self.sampling_ratio = sampling_ratio

@@ -20,7 +20,8 @@ __all__ = ["MIN_GAUSSIAN_IMAGES", "GaussianBranch"]
 
 #: A sample covariance needs at least two observations per position.
 MIN_GAUSSIAN_IMAGES = 2
-#: anomalib's ``MultiVariateGaussian`` regularisation: ``0.01 I`` (the paper's lambda), then ``1e-5 I`` before inverting.
+#: anomalib's ``MultiVariateGaussian`` regularisation: ``0.01 I`` (the paper's lambda), then ``1e-5 I``
+#: before inverting.
 COVARIANCE_REGULARISATION = 0.01 + 1e-5
 
 

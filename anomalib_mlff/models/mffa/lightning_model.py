@@ -157,7 +157,12 @@ class MFFA(PseudoAnomalyMixin, AnomalibModule):
             self.model.accumulate(embeddings)
             self._filled_images += len(batch.image)
             self.log(
-                "fill_images", float(self._filled_images), prog_bar=True, on_step=True, on_epoch=False, batch_size=len(batch.image)
+                "fill_images",
+                float(self._filled_images),
+                prog_bar=True,
+                on_step=True,
+                on_epoch=False,
+                batch_size=len(batch.image),
             )
             return None
         pixel_range = self._pixel_range()
