@@ -43,6 +43,7 @@ __all__ = [
     "coreset_size",
     "dense_greedy",
     "greedy_coreset",
+    "greedy_coreset_of_size",
     "lazy_greedy",
     "random_projection",
     "validate_embeddings",
@@ -121,16 +122,36 @@ def greedy_coreset(
         embeddings' device. A ratio of 1 returns every index in order without running the greedy.
     """
     validate_embeddings(embeddings)
+    return greedy_coreset_of_size(embeddings, coreset_size(embeddings.shape[0], sampling_ratio), seed, progress)
+
+
+def greedy_coreset_of_size(
+    embeddings: torch.Tensor,
+    size: int,
+    seed: int | None = 0,
+    progress: bool = True,
+    project: bool = True,
+) -> torch.Tensor:
+    """Indices of a greedy k-center coreset of ``size`` (in ``[1, count]``) of valid ``embeddings``.
+
+    As :func:`greedy_coreset`, with the size given instead of a ratio.
+
+    ``project=False`` measures exact distances instead of projected ones (slower on wide
+    embeddings, no projected copy): the streaming coreset's intermediate reductions use it, so
+    their error does not add the projection's distortion to the final pass's.
+    """
     count = embeddings.shape[0]
-    size = coreset_size(count, sampling_ratio)
+    if not 1 <= size <= count:
+        msg = f"coreset size must be in [1, {count}] (the number of embeddings), got {size}."
+        raise ValueError(msg)
     if size == count:
         return torch.arange(count, device=embeddings.device)
     if seed is None:
-        features = anomalib_projection(embeddings)
+        features = anomalib_projection(embeddings) if project else embeddings.float().contiguous()
         start = int(torch.randint(high=count, size=(1,), device=features.device))
     else:
         generator = torch.Generator().manual_seed(seed)
-        features = random_projection(embeddings, generator)
+        features = random_projection(embeddings, generator) if project else embeddings.float().contiguous()
         start = int(torch.randint(count, (1,), generator=generator))
     select = dense_greedy if features.is_cuda else lazy_greedy
     return select(features, size, start, progress)

@@ -13,7 +13,8 @@
   ``anomalib train --model.<arg>``, reads them from that call);
 - maps batches between the pre-processor's normalised space and [0, 1] pixels (pseudo anomalies
   are drawn on [0, 1] images);
-- fails early, naming the dataset, when there are no training images;
+- checks every image file before training (:func:`check_before_fit`) and fails early, naming
+  the dataset, when there are no training images;
 - loads checkpoints without downloading or reading the initial weights the checkpoint replaces;
 - predicts in validation (thresholds and normalisation are fitted from those predictions), is
   one-class and uses anomalib's default post-processor.
@@ -32,7 +33,7 @@ from anomalib.pre_processing import PreProcessor
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
-from anomalib_mlff.components.data_checks import require_training_images
+from anomalib_mlff.components.data_checks import check_before_fit
 from anomalib_mlff.components.normalization import PixelRange
 
 __all__ = ["PseudoAnomalyMixin"]
@@ -89,10 +90,16 @@ class PseudoAnomalyMixin:
             parameters, lr=self.learning_rate, momentum=self.momentum, weight_decay=self.weight_decay
         )
 
+    #: Leave unreadable, truncated, empty or 16-bit images out with a warning instead of stopping.
+    skip_bad_images: bool = False
+
     def count_training_images(self) -> int:
-        """Training images of the trainer's datamodule (-1: unknown); ``ValueError`` naming it when there are none."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        return require_training_images(datamodule) if datamodule is not None else -1
+        """Check the datamodule's image files, then count its training images (-1: unknown).
+
+        ``ValueError`` listing every bad file (unless ``skip_bad_images``), or naming the dataset when
+        it has no training image.
+        """
+        return check_before_fit(getattr(self.trainer, "datamodule", None), self.skip_bad_images)
 
     def on_fit_start(self) -> None:
         """Fail early, naming the dataset, when there is nothing to train on."""

@@ -13,6 +13,12 @@ Backends, chosen per call:
   no GPU HNSW, so approximate GPU search uses IVF).
 * Pure torch (anomalib's ``euclidean_dist``, in chunks) while a graph is traced or exported (an
   exported graph cannot call FAISS), and for exact search of a CUDA bank without faiss-gpu.
+
+Banks larger than one device are sharded with FAISS's own ``IndexShards``: ``shards`` CPU
+sub-indexes searched in parallel threads, or (a CUDA bank with faiss-gpu, ``gpus`` > 1 or -1)
+``index_cpu_to_all_gpus`` with ``GpuMultipleClonerOptions.shard``, one slice of the bank per GPU.
+FAISS merges the shards' results, so exact sharded search returns the single index's neighbours.
+The multi-GPU path follows FAISS's documented API and has not been run on a multi-GPU machine yet.
 """
 
 from __future__ import annotations
@@ -83,6 +89,8 @@ class FaissMemoryBank(DynamicBufferMixin, nn.Module):
         nlist: IVF lists; default ``4 * sqrt(bank size)``, at most one per 39 vectors.
         nprobe: IVF lists visited per query (recall vs speed).
         search_budget_mb: most memory one query-by-bank distance block may take in torch search.
+        shards: CPU sub-indexes the bank is split into (``faiss.IndexShards``, searched in parallel).
+        gpus: GPUs a CUDA bank is sharded across with faiss-gpu (1: one GPU; -1: all visible GPUs).
         seed: seeds the coreset and IVF training; ``None``: the coreset follows the global RNGs
             exactly as anomalib's ``KCenterGreedy`` (see :func:`greedy_coreset`), IVF uses 0.
         progress: show a progress bar on long coreset selections.
@@ -107,6 +115,8 @@ class FaissMemoryBank(DynamicBufferMixin, nn.Module):
         nlist: int | None = None,
         nprobe: int = 16,
         search_budget_mb: float = 256.0,
+        shards: int = 1,
+        gpus: int = 1,
         seed: int | None = 0,
         progress: bool = True,
     ) -> None:
@@ -118,7 +128,8 @@ class FaissMemoryBank(DynamicBufferMixin, nn.Module):
             msg = "fp16=True applies to approximate indexes only; exact search (approximate=False) keeps float32."
             raise ValueError(msg)
         for name, value in (("hnsw_m", hnsw_m), ("ef_search", ef_search), ("ef_construction", ef_construction),
-                            ("nprobe", nprobe), ("nlist", 1 if nlist is None else nlist)):
+                            ("nprobe", nprobe), ("nlist", 1 if nlist is None else nlist), ("shards", shards),
+                            ("gpus", 1 if gpus == -1 else gpus)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 msg = f"{name} must be a positive integer, got {value!r}."
                 raise ValueError(msg)
@@ -134,10 +145,13 @@ class FaissMemoryBank(DynamicBufferMixin, nn.Module):
         self.nlist = nlist
         self.nprobe = nprobe
         self.search_budget_mb = search_budget_mb
+        self.shards = shards
+        self.gpus = gpus
         self.seed = seed
         self.progress = progress
         self.register_buffer("memory_bank", torch.empty(0))
         self._index: Any = None  # faiss index over memory_bank, or None until the next search
+        self._parts: list[Any] = []  # the index itself, or its shards (kept alive here: IndexShards does not own them)
         self._index_on_cpu_for_cuda_bank = False
 
     # ------------------------------------------------------------------ state
@@ -185,8 +199,9 @@ class FaissMemoryBank(DynamicBufferMixin, nn.Module):
         flat_queries = queries.detach().float().contiguous()
         if on_cpu:
             flat_queries = flat_queries.cpu()
-        if hasattr(index, "hnsw"):
-            index.hnsw.efSearch = max(self.ef_search, k)
+        for part in self._parts:
+            if hasattr(part, "hnsw"):
+                part.hnsw.efSearch = max(self.ef_search, k)
         squared, indices = index.search(flat_queries, k)
         distances = squared.clamp_min_(0).sqrt_()
         missing = (indices < 0).any(dim=1)
@@ -261,15 +276,47 @@ class FaissMemoryBank(DynamicBufferMixin, nn.Module):
         bank = self.memory_bank.detach().float().contiguous()
         self._index_on_cpu_for_cuda_bank = False
         if bank.is_cuda and faiss_gpu_available():
-            return self._new_gpu_index(bank)
+            if self.gpus == 1 or faiss.get_num_gpus() == 1:
+                index = self._new_gpu_index(bank)
+                self._parts = [index]
+                return index
+            self._index_on_cpu_for_cuda_bank = True  # the sharded index is driven from the host
+            return self._new_multi_gpu_index(bank.cpu())
         if bank.is_cuda:
             logger.warning("faiss has no GPU support here: approximate search of a CUDA bank runs on the CPU.")
             self._index_on_cpu_for_cuda_bank = True
             bank = bank.cpu()
-        index = self._new_cpu_index(bank.shape[1], bank.shape[0])
+        self._parts = [self._filled_cpu_index(part) for part in bank.tensor_split(min(self.shards, bank.shape[0]))]
+        if len(self._parts) == 1:
+            return self._parts[0]
+        index = faiss.IndexShards(bank.shape[1], True, True)  # threaded; shard i's ids follow shard i-1's
+        for part in self._parts:
+            index.add_shard(part)
+        return index
+
+    def _filled_cpu_index(self, vectors: torch.Tensor) -> Any:  # noqa: ANN401
+        index = self._new_cpu_index(vectors.shape[1], vectors.shape[0])
         if not index.is_trained:
-            index.train(bank)
-        index.add(bank)
+            index.train(vectors)
+        index.add(vectors)
+        return index
+
+    def _new_multi_gpu_index(self, bank: torch.Tensor) -> Any:  # noqa: ANN401
+        """The bank sharded across GPUs (FAISS's ``index_cpu_to_all_gpus`` with ``shard=True``)."""
+        count, dim = bank.shape
+        if self.approximate and self.index_type == "hnsw":
+            logger.info("faiss has no GPU HNSW: approximate GPU search uses an IVF index.")
+        cpu_index = self._new_ivf(dim, count) if self.approximate else faiss.IndexFlatL2(dim)
+        if not cpu_index.is_trained:
+            cpu_index.train(bank)
+        cpu_index.add(bank)
+        options = faiss.GpuMultipleClonerOptions()
+        options.shard = True
+        options.useFloat16 = self.fp16
+        index = faiss.index_cpu_to_all_gpus(cpu_index, co=options, ngpu=self.gpus if self.gpus > 0 else -1)
+        if self.approximate:
+            faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", min(self.nprobe, self._ivf_lists(count)))
+        self._parts = []
         return index
 
     def _ivf_lists(self, count: int) -> int:
@@ -320,4 +367,5 @@ class FaissMemoryBank(DynamicBufferMixin, nn.Module):
     def extra_repr(self) -> str:
         """Configuration and bank size, for ``print(module)``."""
         kind = f"approximate={self.index_type}{'/fp16' if self.fp16 else ''}" if self.approximate else "exact"
-        return f"{kind}, bank={tuple(self.memory_bank.shape)}"
+        sharding = f", shards={self.shards}" if self.shards > 1 else ""
+        return f"{kind}{sharding}, bank={tuple(self.memory_bank.shape)}"

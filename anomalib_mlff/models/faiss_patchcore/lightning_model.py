@@ -18,6 +18,7 @@ CLI: ``anomalib train --model FaissPatchcore --model.approximate true --data MVT
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from anomalib import PrecisionType
@@ -26,7 +27,9 @@ from anomalib.models import Patchcore
 from anomalib.visualization import Visualizer
 from torch import nn
 
+from anomalib_mlff.components.data_checks import check_before_fit
 from anomalib_mlff.components.memory_bank import FaissMemoryBank
+from anomalib_mlff.components.streaming_coreset import DEFAULT_MEMORY_BUDGET_MB
 
 from .torch_model import FaissPatchcoreModel
 
@@ -44,9 +47,15 @@ class FaissPatchcore(Patchcore):
         fp16: float16 storage in the approximate index.
         ef_search: HNSW search breadth; nprobe: IVF lists visited per query.
         search_budget_mb: memory cap of one distance block in torch search (export, CUDA without faiss-gpu).
+        shards: CPU shards of the search index; gpus: GPUs a CUDA bank is sharded across (-1: all).
+        memory_budget_mb: memory for the training embeddings while the coreset is chosen (per rank);
+            a larger training set streams through it (see :class:`StreamingCoreset`). Within the
+            budget the coreset is exactly the all-in-memory one.
         seed: seeds the coreset's random projection and start. ``None`` (default): both come from
             the global RNGs as in anomalib's ``KCenterGreedy``, so under the same ``seed_everything``
             the coreset, and the scores, are anomalib Patchcore's.
+        skip_bad_images: leave unreadable, truncated, empty or 16-bit image files out (with a
+            warning) instead of stopping before training with their list.
         pre_processor, post_processor, evaluator, visualizer: anomalib components.
     """
 
@@ -63,7 +72,11 @@ class FaissPatchcore(Patchcore):
         ef_search: int = 32,
         nprobe: int = 16,
         search_budget_mb: float = 256.0,
+        memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+        shards: int = 1,
+        gpus: int = 1,
         seed: int | None = None,
+        skip_bad_images: bool = False,
         precision: str | PrecisionType = PrecisionType.FLOAT32,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
@@ -77,6 +90,8 @@ class FaissPatchcore(Patchcore):
             ef_search=ef_search,
             nprobe=nprobe,
             search_budget_mb=search_budget_mb,
+            shards=shards,
+            gpus=gpus,
             seed=seed,
         )
         # anomalib's __init__ sets up everything (components, precision checks) around a
@@ -97,6 +112,7 @@ class FaissPatchcore(Patchcore):
                 evaluator=evaluator,
                 visualizer=visualizer,
             )
+        self.skip_bad_images = skip_bad_images
         dtype = next(self.model.feature_extractor.parameters()).dtype  # float32 or float16, as anomalib chose
         self.model: FaissPatchcoreModel = FaissPatchcoreModel(
             layers=layers,
@@ -104,4 +120,16 @@ class FaissPatchcore(Patchcore):
             pre_trained=pre_trained,
             num_neighbors=num_neighbors,
             bank=bank,
+            memory_budget_mb=memory_budget_mb,
         ).to(dtype)
+
+    def on_fit_start(self) -> None:
+        """Before embedding anything: every image file readable, at least one training image."""
+        check_before_fit(getattr(self.trainer, "datamodule", None), self.skip_bad_images)
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """anomalib Patchcore's, without its ``devices=1`` pin: the bank is combined across DDP ranks."""
+        arguments = dict(super().trainer_arguments)
+        arguments.pop("devices", None)
+        return arguments

@@ -15,6 +15,7 @@ import torch
 from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 
 from anomalib_mlff.components.memory_bank import FaissMemoryBank
+from anomalib_mlff.components.streaming_coreset import DEFAULT_MEMORY_BUDGET_MB, StreamingCoreset
 
 __all__ = ["FaissPatchcoreModel"]
 
@@ -28,6 +29,7 @@ class FaissPatchcoreModel(PatchcoreModel):
         pre_trained: load ImageNet weights for the backbone.
         num_neighbors: neighbours of the nearest bank vector used by the score re-weighting.
         bank: the memory bank (search settings live there); default: exact search.
+        memory_budget_mb: memory for the training embeddings kept while the coreset is streamed.
     """
 
     def __init__(
@@ -37,10 +39,15 @@ class FaissPatchcoreModel(PatchcoreModel):
         pre_trained: bool = True,
         num_neighbors: int = 9,
         bank: FaissMemoryBank | None = None,
+        memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
     ) -> None:
         super().__init__(layers=layers, backbone=backbone, pre_trained=pre_trained, num_neighbors=num_neighbors)
         del self.memory_bank  # anomalib's buffer; the bank's buffer takes its place (see the property)
         self.bank = bank if bank is not None else FaissMemoryBank()
+        # The ratio is set again by subsample_embedding (anomalib passes it there).
+        self.embedding_store = StreamingCoreset(
+            1.0, memory_budget_mb, seed=self.bank.seed, progress=self.bank.progress
+        )
 
     @property
     def memory_bank(self) -> torch.Tensor:
@@ -52,13 +59,9 @@ class FaissPatchcoreModel(PatchcoreModel):
         self.bank.set_memory(vectors)
 
     def subsample_embedding(self, sampling_ratio: float) -> None:
-        """Fit the bank with a greedy coreset of the stored training embeddings."""
-        if len(self.embedding_store) == 0:
-            msg = "Embedding store is empty. Cannot perform coreset selection."
-            raise ValueError(msg)
-        embeddings = torch.vstack(self.embedding_store)
-        self.embedding_store.clear()
-        self.bank.fit(embeddings, sampling_ratio)
+        """Fit the bank with the greedy coreset of the streamed training embeddings (of all DDP ranks)."""
+        self.embedding_store.sampling_ratio = sampling_ratio
+        self.bank.set_memory(self.embedding_store.finish(device=self.memory_bank.device))
 
     def nearest_neighbors(self, embedding: torch.Tensor, n_neighbors: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Bank search with anomalib's output shapes: ``(n,)`` for one neighbour, else ``(n, k)``."""

@@ -3,10 +3,13 @@
 Training has two phases, both ordinary Lightning epochs, so the progress bar shows each:
 
 1. PSG (``psg_epochs`` epochs, only with ``use_psg``): every normal batch becomes a 3-way
-   normal / CutPaste / CutPaste-Scar classification batch; SGD fine-tunes the backbone
-   (automatic optimisation over the cross-entropy).
-2. Fill (one more epoch): the backbone in eval mode embeds the training images; at the end of
-   that epoch (before validation) the memory bank is filled and the Gaussians are fitted.
+   normal / CutPaste / CutPaste-Scar classification batch; SGD fine-tunes the backbone over
+   the cross-entropy (manual optimisation: one zero_grad/backward/step per batch, as Lightning's
+   automatic loop would do, so that the fill epoch can skip optimising under DDP).
+2. Fill (one more epoch): the backbone in eval mode embeds the training images, batch by batch
+   into bounded-memory fit state (a streaming coreset, Gaussian running sums); at the end of
+   that epoch (before validation) the memory bank is filled and the Gaussians are fitted, from
+   the state of all ranks under DDP.
 
 ``trainer_arguments`` therefore asks anomalib's Engine for ``psg_epochs + 1`` epochs (1 without
 PSG, like PaDiM) and validation only after the last one. The maths lives in :class:`MFFAModel`,
@@ -39,7 +42,7 @@ from anomalib_mlff.components.lightning import PseudoAnomalyMixin
 from .gaussian import MIN_GAUSSIAN_IMAGES
 from .loss import PSGLoss
 from .psg import pseudo_sample_batch
-from .torch_model import MFFAEmbeddings, MFFAModel
+from .torch_model import MFFAModel
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +55,8 @@ class MFFA(PseudoAnomalyMixin, AnomalibModule):
     Args:
         psg_epochs: PSG fine-tuning epochs (paper: 64); the fill pass is one more epoch.
         learning_rate, momentum, weight_decay: PSG's SGD (paper: 3e-4, 0.9, 3e-5).
+        skip_bad_images: leave unreadable, truncated, empty or 16-bit image files out (with a
+            warning) instead of stopping before training with their list.
         pre_processor, post_processor, evaluator, visualizer: anomalib components.
         **model_args: :class:`MFFAModel`'s arguments, keyword only, with its defaults (the paper's):
             ``backbone``, ``layers``, ``pre_trained``, ``weights_path`` (the CNN: ImageNet
@@ -74,6 +79,7 @@ class MFFA(PseudoAnomalyMixin, AnomalibModule):
         learning_rate: float = 3e-4,
         momentum: float = 0.9,
         weight_decay: float = 3e-5,
+        skip_bad_images: bool = False,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
@@ -87,6 +93,7 @@ class MFFA(PseudoAnomalyMixin, AnomalibModule):
             visualizer=visualizer,
         )
         self.set_sgd(learning_rate, momentum, weight_decay)
+        self.skip_bad_images = skip_bad_images
         self.record_model_args(MFFAModel, model_args)
         self.model = MFFAModel(**model_args)
         self.use_psg = self.model.psg_head is not None
@@ -94,10 +101,14 @@ class MFFA(PseudoAnomalyMixin, AnomalibModule):
             msg = f"psg_epochs must be a positive integer with use_psg=True, got psg_epochs={psg_epochs!r}."
             raise ValueError(msg)
         self.loss = PSGLoss()
+        # Manual optimisation: the fill epoch's steps optimise nothing, and under DDP Lightning's
+        # automatic optimisation does not allow a step that returns no loss.
+        self.automatic_optimization = False
         self.psg_epochs = psg_epochs if self.use_psg else 0
         self.seed = self.model.seed
         self._pseudo_generator = torch.Generator().manual_seed(self.seed)
-        self._collected: list[MFFAEmbeddings] = []
+        self._filled_images = 0  # training images this rank accumulated in the fill epoch
+        self._fill_pending = False  # a fill epoch started and its state is not fitted yet (same on every rank)
 
     # ------------------------------------------------------------------ set-up
     def configure_optimizers(self) -> torch.optim.Optimizer | None:
@@ -106,9 +117,10 @@ class MFFA(PseudoAnomalyMixin, AnomalibModule):
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:
-        """PSG epochs + the fill epoch; validate only after the fill epoch; one device (one memory bank)."""
+        """PSG epochs + the fill epoch; validate only after the fill epoch. Any number of devices: under DDP
+        the memory bank and the Gaussians are combined across ranks."""
         epochs = self.psg_epochs + 1
-        return {"max_epochs": epochs, "check_val_every_n_epoch": epochs, "num_sanity_val_steps": 0, "devices": 1}
+        return {"max_epochs": epochs, "check_val_every_n_epoch": epochs, "num_sanity_val_steps": 0}
 
     # ------------------------------------------------------------------ training
     def _in_fill_epoch(self) -> bool:
@@ -129,7 +141,8 @@ class MFFA(PseudoAnomalyMixin, AnomalibModule):
     def on_train_epoch_start(self) -> None:
         """Announce the phase this epoch belongs to."""
         if self._in_fill_epoch():
-            self._collected = []
+            self._filled_images = 0
+            self._fill_pending = True
             logger.info("MFFA: embedding the training images to fill the memory bank and fit the Gaussians.")
         elif self.current_epoch == 0:
             logger.info("MFFA: PSG fine-tuning for %d epochs, then one pass to fit the branches.", self.psg_epochs)
@@ -141,10 +154,15 @@ class MFFA(PseudoAnomalyMixin, AnomalibModule):
             self.model.eval()  # BatchNorm statistics as at inference
             with torch.no_grad():
                 embeddings = self.model.embed(batch.image)
-            self._collected.append(MFFAEmbeddings(*(None if e is None else e.detach() for e in embeddings)))
-            images = sum(len(item.nns if item.nns is not None else item.gaussian) for item in self._collected)
+            self.model.accumulate(embeddings)
+            self._filled_images += len(batch.image)
             self.log(
-                "fill_images", float(images), prog_bar=True, on_step=True, on_epoch=False, batch_size=len(batch.image)
+                "fill_images",
+                float(self._filled_images),
+                prog_bar=True,
+                on_step=True,
+                on_epoch=False,
+                batch_size=len(batch.image),
             )
             return None
         pixel_range = self._pixel_range()
@@ -164,19 +182,20 @@ class MFFA(PseudoAnomalyMixin, AnomalibModule):
             on_epoch=True,
             batch_size=len(labels),
         )
-        return losses["loss"]
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(losses["loss"])
+        optimizer.step()
+        return losses["loss"].detach()
 
     def _fit_collected(self) -> None:
-        """Fit the branches from the fill epoch's embeddings (once)."""
-        if not self._collected:
+        """Fit the branches from the fill epoch's accumulated state (once; every DDP rank takes part)."""
+        if not self._fill_pending:
             return
-        embeddings = MFFAEmbeddings(
-            *(None if parts[0] is None else torch.cat(parts) for parts in zip(*self._collected, strict=True))
-        )
-        self._collected = []
-        count = len(embeddings.nns if embeddings.nns is not None else embeddings.gaussian)
-        logger.info("MFFA: fitting the memory bank and the Gaussians on %d training images.", count)
-        self.model.fit(embeddings)
+        logger.info("MFFA: fitting the memory bank and the Gaussians (%d training images on this rank).",
+                    self._filled_images)
+        self._fill_pending = False
+        self.model.finish_fit()
 
     def on_train_epoch_end(self) -> None:
         """After the fill epoch (when there is no validation first): fit the branches."""

@@ -23,6 +23,7 @@ from anomalib.data import InferenceBatch
 from torch import Tensor, nn
 
 from anomalib_mlff.components.backbone import build_feature_extractor
+from anomalib_mlff.components.streaming_coreset import DEFAULT_MEMORY_BUDGET_MB
 from anomalib_mlff.models.mlff.torch_model import _check_backbone_layers, _exporting
 
 from .anomaly_map import AnomalyMapGenerator
@@ -62,6 +63,8 @@ class MFFAModel(nn.Module):
             map, as PaDiM; ``layers[1]`` needs a quarter of the memory).
         blur_sigma: AMC smoothing (paper: 4 px).
         approximate_search: approximate FAISS search for the NNS branch (exact by default).
+        memory_budget_mb: memory for the NNS training embeddings while the coreset is streamed
+            (per DDP rank); within it the coreset is exactly the all-in-memory one.
         seed: draws the deep-channel and Gaussian-dimension selections and seeds the coreset.
     """
 
@@ -83,6 +86,7 @@ class MFFAModel(nn.Module):
         grid_layer: str = "layer1",
         blur_sigma: float = 4.0,
         approximate_search: bool = False,
+        memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -112,7 +116,9 @@ class MFFAModel(nn.Module):
         )
         gaussian_width = self.lgffp.width if self.lgffp is not None else shallow + middle + deep
         self.gaussian = GaussianBranch(gaussian_width, n_gaussian_features, generator) if use_gaussian else None
-        self.nns = NNSBranch(coreset_ratio, approximate=approximate_search, seed=seed) if use_nns else None
+        self.nns = NNSBranch(
+            coreset_ratio, approximate=approximate_search, seed=seed, memory_budget_mb=memory_budget_mb
+        ) if use_nns else None
         self.anomaly_map_generator = AnomalyMapGenerator(blur_sigma)
 
     # ------------------------------------------------------------------ checks
@@ -179,12 +185,24 @@ class MFFAModel(nn.Module):
         self._check_images(images)
         return self.embed_features(self.feature_extractor(images))
 
+    def accumulate(self, embeddings: MFFAEmbeddings) -> None:
+        """Add a batch of training embeddings to the branches' bounded-memory fit state."""
+        if self.nns is not None:
+            self.nns.accumulate(embeddings.nns)
+        if self.gaussian is not None:
+            self.gaussian.accumulate(embeddings.gaussian)
+
+    def finish_fit(self) -> None:
+        """Fill the memory bank and fit the Gaussians from everything accumulated (of all DDP ranks)."""
+        if self.nns is not None:
+            self.nns.finish()
+        if self.gaussian is not None:
+            self.gaussian.finish()
+
     def fit(self, embeddings: MFFAEmbeddings) -> None:
         """Fill the memory bank and fit the Gaussians from the training images' embeddings."""
-        if self.nns is not None:
-            self.nns.fit(embeddings.nns)
-        if self.gaussian is not None:
-            self.gaussian.fit(embeddings.gaussian)
+        self.accumulate(embeddings)
+        self.finish_fit()
 
     def patch_scores(self, embeddings: MFFAEmbeddings) -> list[Tensor]:
         """Each active branch's ``(B, 1, h, w)`` patch scores, NNS first."""

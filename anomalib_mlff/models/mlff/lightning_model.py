@@ -102,6 +102,22 @@ class MLFF(PseudoAnomalyMixin, AnomalibModule):
         # Each batch is optimised `repeat` times with fresh pseudo anomalies: manual optimisation.
         self.automatic_optimization = False
 
+    def on_fit_start(self) -> None:
+        """Check the data; refuse ``repeat > 1`` under DDP, where only a step's first backward is synchronised.
+
+        DDP averages the gradients of the backward that follows its own forward; the further
+        backward passes of a repeated batch would step each rank with its local gradients only and
+        the replicas would drift apart silently.
+        """
+        super().on_fit_start()
+        if self.repeat > 1 and self.trainer.world_size > 1:
+            msg = (
+                f"MLFF with repeat={self.repeat} cannot train on {self.trainer.world_size} DDP processes: DDP "
+                "synchronises one backward pass per step. Set repeat=1 and multiply max_epochs by the repeat "
+                "instead (the same number of steps and pseudo-anomaly draws), or train on one device."
+            )
+            raise ValueError(msg)
+
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Optimise ``repeat`` times on the batch, each time with fresh pseudo anomalies."""
         del args, kwargs
