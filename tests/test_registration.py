@@ -142,7 +142,7 @@ def test_anomalib_lookup_finds_faiss_patchcore(name: str) -> None:
 
 
 def test_list_models_shows_every_registered_model() -> None:
-    """Every model of the registry is listed, in anomalib's naming (``MLFF`` -> ``m_l_f_f``, as ``CFM`` -> ``c_f_m``)."""
+    """Every model of the registry is listed, in anomalib's naming (``MLFF`` -> ``m_l_f_f``, like ``c_f_m``)."""
     from anomalib.models import list_models  # noqa: PLC0415
     from anomalib.utils.path import convert_to_snake_case  # noqa: PLC0415
 
