@@ -2,8 +2,9 @@
 
 After :func:`register_models`, each model class is an attribute of ``anomalib.models`` (so
 ``get_model({"class_path": "MLFF"})`` works) and, being imported, a subclass that anomalib's CLI
-resolves by its short name (``anomalib train --model MLFF``). ``get_model("mlff")`` works
-because each model derives directly from ``AnomalibModule``.
+resolves by its short name (``anomalib train --model MLFF``). ``get_model("mlff")`` and ``list_models()``
+work because each model derives directly from ``AnomalibModule`` (``FaissPatchcore`` names it again
+beside ``Patchcore``).
 """
 
 from __future__ import annotations

@@ -62,10 +62,10 @@ def cut_paste(normal: np.ndarray, mask_source: np.ndarray, rng: np.random.Genera
     return defective, mask
 
 
-def build_dataset(root: Path, category: str, images: int, seed: int) -> None:
-    """MVTec-layout copy of a category: its training images and a cut-paste test set."""
+def build_dataset(root: Path, category: str, images: int, seed: int, source_root: Path = EMBEDDED_ROOT) -> None:
+    """MVTec-layout copy of a category of ``source_root``: its training images and a cut-paste test set."""
     rng = np.random.default_rng(seed)
-    source = EMBEDDED_ROOT / category
+    source = source_root / category
     shutil.copytree(source / "train", root / category / "train")
     normals = sorted((source / "test" / "good").glob("*.png"))
     masks = sorted((source / "ground_truth").glob("*/*.png"))
@@ -100,15 +100,25 @@ class Row:
     f2pad_seconds: float
 
 
-def run(model_name: str, category: str, root: Path, images: int, seed: int, out: Path) -> Row:
-    """Fit one model, test it without and with F2PAD, and collect the metrics."""
+def run(
+    model_name: str,
+    category: str,
+    root: Path,
+    images: int,
+    seed: int,
+    out: Path,
+    pre_trained: bool = False,
+    f2pad_settings: dict | None = None,
+) -> Row:
+    """Fit one model (resnet18, as the paper), test it without and with F2PAD (``f2pad_settings`` over its defaults)."""
     seed_everything(seed, workers=True)
-    shared = {"backbone": "resnet18", "pre_trained": False}
+    shared = {"backbone": "resnet18", "pre_trained": pre_trained}
+    settings = f2pad_settings or {}
     builders = {
         "PatchCore": lambda: Patchcore(
-            **shared, layers=("layer2", "layer3"), post_processor=F2PAD(), evaluator=mask_evaluator()
+            **shared, layers=("layer2", "layer3"), post_processor=F2PAD(**settings), evaluator=mask_evaluator()
         ),
-        "PaDiM": lambda: Padim(**shared, post_processor=F2PAD(), evaluator=mask_evaluator()),
+        "PaDiM": lambda: Padim(**shared, post_processor=F2PAD(**settings), evaluator=mask_evaluator()),
     }
     model = builders[model_name]()
     datamodule = MVTecAD(root=root, category=category, train_batch_size=16, eval_batch_size=4, num_workers=0)

@@ -218,10 +218,11 @@ def main() -> None:
                 feature_dim=128,
                 tem_levels=32,
                 repeat=args.mlff_repeat,
+                epochs=args.mlff_epochs,
                 learning_rate=0.01,
                 pre_processor=MLFF.configure_pre_processor(image_size=size),
             ),
-            args.mlff_epochs,
+            None,  # the model's `epochs`
         ),
         "MFFA": (mffa, None),  # psg_epochs + 1 epochs, set by the model
         "Patchcore": (lambda: Patchcore(**common(), coreset_sampling_ratio=0.1, **patchcore_pre()), 1),

@@ -40,14 +40,22 @@ def quiet_engine(root: Path, **kwargs: object) -> Engine:
     return Engine(default_root_dir=root, logger=False, enable_progress_bar=False, **kwargs)
 
 
-def small_copy(tmp_path: Path, n_train: int) -> Path:
-    """A copy of the embedded brick category under ``tmp_path`` with only its first ``n_train`` training images."""
-    target = tmp_path / "brick"
+def small_copy(tmp_path: Path, n_train: int, category: str = "brick", n_test: int | None = None) -> Path:
+    """A copy of an embedded category under ``tmp_path``: its first ``n_train`` training images and, per test
+    folder (good and each defect), its first ``n_test`` images with their masks (all with ``None``)."""
+    source = EMBEDDED_ROOT / category
+    target = tmp_path / category
     (target / "train" / "good").mkdir(parents=True)
-    for source in sorted((EMBEDDED_ROOT / "brick" / "train" / "good").glob("*.png"))[:n_train]:
-        shutil.copy(source, target / "train" / "good")
-    shutil.copytree(EMBEDDED_ROOT / "brick" / "test", target / "test")
-    shutil.copytree(EMBEDDED_ROOT / "brick" / "ground_truth", target / "ground_truth")
+    for image in sorted((source / "train" / "good").glob("*.png"))[:n_train]:
+        shutil.copy(image, target / "train" / "good")
+    for folder in sorted((source / "test").iterdir()):
+        (target / "test" / folder.name).mkdir(parents=True)
+        for image in sorted(folder.glob("*.png"))[:n_test]:
+            shutil.copy(image, target / "test" / folder.name)
+            mask = source / "ground_truth" / folder.name / f"{image.stem}_mask.png"
+            if mask.exists():
+                (target / "ground_truth" / folder.name).mkdir(parents=True, exist_ok=True)
+                shutil.copy(mask, target / "ground_truth" / folder.name)
     return target
 
 

@@ -21,7 +21,8 @@ from tests.conftest import REPO_ROOT, VENV_BIN
 
 def tiny_mlff(**overrides: object) -> MLFF:
     """Random-initialised resnet18 MLFF small enough for a unit test."""
-    return helpers.tiny_model(MLFF, feature_dim=32, tem_levels=8, ptfem_levels=4, repeat=1, **overrides)
+    return helpers.tiny_model(MLFF, **{"feature_dim": 32, "tem_levels": 8, "ptfem_levels": 4, "repeat": 1, "epochs": 1,
+                                        **overrides})
 
 
 class LossHistory(Callback):
@@ -38,8 +39,8 @@ class LossHistory(Callback):
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[MLFF, Engine, LossHistory, MVTecAD]:
     seed_everything(0)
     history = LossHistory()
-    model = tiny_mlff()
-    engine = helpers.quiet_engine(tmp_path_factory.mktemp("mlff"), max_epochs=4, callbacks=[history])
+    model = tiny_mlff(epochs=4)
+    engine = helpers.quiet_engine(tmp_path_factory.mktemp("mlff"), callbacks=[history])
     data = helpers.datamodule()
     engine.fit(model, datamodule=data)
     return model, engine, history, data
@@ -81,7 +82,7 @@ def test_empty_training_folder_names_the_dataset(tmp_path: Path) -> None:
 def test_corrupt_training_image_is_named(tmp_path: Path) -> None:
     folder = helpers.small_copy(tmp_path, n_train=6)
     (folder / "train" / "good" / "broken.png").write_bytes(b"not a png")
-    engine = helpers.quiet_engine(tmp_path, max_epochs=1)
+    engine = helpers.quiet_engine(tmp_path)
     with pytest.raises(Exception, match="broken.png"):
         engine.fit(tiny_mlff(), datamodule=helpers.datamodule(tmp_path, "brick"))
 
@@ -93,7 +94,7 @@ def test_rgba_and_grayscale_images_train(tmp_path: Path) -> None:
     rgba = gray.convert("RGBA")
     rgba.putalpha(128)
     rgba.save(folder / "train" / "good" / "rgba.png")
-    engine = helpers.quiet_engine(tmp_path, max_epochs=1)
+    engine = helpers.quiet_engine(tmp_path)
     model = tiny_mlff()
     engine.fit(model, datamodule=helpers.datamodule(tmp_path, "brick"))
     assert torch.isfinite(torch.tensor(float(engine.trainer.callback_metrics["train_loss_epoch"])))
@@ -114,7 +115,7 @@ def test_cli_train_and_export_with_the_cpu_config(tmp_path: Path) -> None:
     config = str(REPO_ROOT / "configs" / "mlff_cpu.yaml")
     common = ["--config", config, "--data.root", str(EMBEDDED_ROOT), "--default_root_dir", str(tmp_path)]
     train = subprocess.run(  # noqa: S603
-        [anomalib, "train", *common, "--trainer.max_epochs", "1", "--model.repeat", "1",
+        [anomalib, "train", *common, "--model.epochs", "1", "--model.repeat", "1",
          "--trainer.limit_train_batches", "1", "--trainer.limit_test_batches", "1", "--model.visualizer", "false"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False,
     )
@@ -129,3 +130,13 @@ def test_cli_train_and_export_with_the_cpu_config(tmp_path: Path) -> None:
     )
     assert export.returncode == 0, export.stderr[-4000:]
     assert list(tmp_path.rglob("model.xml")), export.stdout[-2000:]
+
+
+def test_the_model_sets_the_engine_epochs_and_decays_the_learning_rate(trained) -> None:  # noqa: ANN001
+    """``epochs`` reaches the Engine (no max_epochs was passed to it); lr x ``lr_decay`` after each epoch."""
+    model, engine, _, _ = trained
+    assert engine.trainer.max_epochs == model.epochs == 4
+    assert engine.trainer.current_epoch == 4
+    expected = model.learning_rate * model.lr_decay**4
+    assert model.optimizers().param_groups[0]["lr"] == pytest.approx(expected)
+    assert helpers.tiny_model(MLFF).trainer_arguments["max_epochs"] == 200  # the paper's, by default

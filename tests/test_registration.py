@@ -127,3 +127,29 @@ def test_registration_whatever_is_imported_first(run_python, first_import: str) 
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split()[-2:] == ["True", "MLFF"]
+
+
+@pytest.mark.parametrize("name", ["faiss_patchcore", "FaissPatchcore"])
+def test_anomalib_lookup_finds_faiss_patchcore(name: str) -> None:
+    """anomalib's ``get_model`` looks only at direct subclasses of ``AnomalibModule``; FaissPatchcore is one."""
+    from anomalib.models import Patchcore, get_model  # noqa: PLC0415 - registers the plugin's models
+
+    from anomalib_mlff import FaissPatchcore  # noqa: PLC0415
+
+    model = get_model(name, backbone="resnet18", pre_trained=False)
+    assert type(model) is FaissPatchcore
+    assert type(get_model("patchcore", backbone="resnet18", pre_trained=False)) is Patchcore  # still anomalib's own
+
+
+def test_list_models_shows_every_registered_model() -> None:
+    """Every model of the registry is listed, in anomalib's naming (``MLFF`` -> ``m_l_f_f``, like ``c_f_m``)."""
+    from anomalib.models import list_models  # noqa: PLC0415
+    from anomalib.utils.path import convert_to_snake_case  # noqa: PLC0415
+
+    from anomalib_mlff.registry import MODELS, register_models  # noqa: PLC0415
+
+    register_models()
+    names = [class_name for _, class_name in MODELS]
+    assert set(names) <= list_models(case="pascal")
+    assert {convert_to_snake_case(name) for name in names} <= list_models(case="snake")
+    assert "faiss_patchcore" in list_models(case="snake")

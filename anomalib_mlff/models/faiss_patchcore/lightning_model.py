@@ -24,6 +24,7 @@ import torch
 from anomalib import PrecisionType
 from anomalib.metrics import Evaluator
 from anomalib.models import Patchcore
+from anomalib.models.components import AnomalibModule
 from anomalib.visualization import Visualizer
 from torch import nn
 
@@ -36,8 +37,11 @@ from .torch_model import FaissPatchcoreModel
 __all__ = ["FaissPatchcore"]
 
 
-class FaissPatchcore(Patchcore):
+class FaissPatchcore(Patchcore, AnomalibModule):
     """PatchCore with a greedy-coreset FAISS memory bank.
+
+    ``AnomalibModule`` is named again as a direct base (the method order is still Patchcore's) because
+    anomalib's ``get_model("faiss_patchcore")`` and ``list_models()`` look only at its direct subclasses.
 
     Args:
         backbone, layers, pre_trained, coreset_sampling_ratio, num_neighbors, precision:

@@ -10,7 +10,7 @@ Example:
     >>> from anomalib.engine import Engine
     >>> from anomalib_mlff import MLFF
     >>> from anomalib_mlff.data import embedded_datamodule
-    >>> Engine(max_epochs=2).fit(MLFF(pre_trained=False), datamodule=embedded_datamodule())  # doctest: +SKIP
+    >>> Engine().fit(MLFF(pre_trained=False, epochs=2), datamodule=embedded_datamodule())  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -48,6 +48,11 @@ class MLFF(PseudoAnomalyMixin, AnomalibModule):
         feature_weight, score_weight, consistency_weight: loss weights alpha, beta, xi (paper: 1).
         gamma, margin: score-loss threshold and margin (paper: 2.5 and 5).
         learning_rate, momentum, weight_decay: SGD settings (paper: 1e-3, -, 3e-5).
+        lr_decay: the learning rate is multiplied by this after every epoch (FCDD's MVTec schedule,
+            0.985, which MLFF builds on; the paper gives only the "initial" rate); 1.0 keeps it constant.
+        epochs: training epochs (paper: 200). The model asks anomalib's Engine for them through
+            ``trainer_arguments``, which override the trainer's ``max_epochs``, so anomalib's
+            benchmark pipeline and ``anomalib train --model MLFF`` train as the paper does.
         pre_processor, post_processor, evaluator, visualizer: anomalib components.
         **model_args: :class:`MLFFModel`'s arguments, keyword only, with its defaults (the paper's):
             ``backbone`` (timm CNN, paper ``"resnet50"``), ``layers`` (layers 1-3), ``pre_trained``,
@@ -72,6 +77,8 @@ class MLFF(PseudoAnomalyMixin, AnomalibModule):
         learning_rate: float = 1e-3,
         momentum: float = 0.9,
         weight_decay: float = 3e-5,
+        lr_decay: float = 0.985,
+        epochs: int = 200,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
@@ -85,9 +92,15 @@ class MLFF(PseudoAnomalyMixin, AnomalibModule):
             visualizer=visualizer,
         )
         self.set_sgd(learning_rate, momentum, weight_decay)
-        if repeat < 1:
-            msg = f"repeat must be a positive integer, got repeat={repeat}."
+        for name, value in (("repeat", repeat), ("epochs", epochs)):
+            if value < 1:
+                msg = f"{name} must be a positive integer, got {name}={value}."
+                raise ValueError(msg)
+        if not 0 < lr_decay <= 1:
+            msg = f"lr_decay must be in (0, 1], got lr_decay={lr_decay}."
             raise ValueError(msg)
+        self.lr_decay = lr_decay
+        self.epochs = epochs
         self.record_model_args(MLFFModel, model_args)
         self.model = MLFFModel(**model_args)
         self.loss = MLFFLoss(
@@ -149,7 +162,17 @@ class MLFF(PseudoAnomalyMixin, AnomalibModule):
         )
         return {"loss": totals["loss"]}
 
+    def configure_optimizers(self) -> dict[str, Any]:
+        """SGD with the learning rate decayed by ``lr_decay`` per epoch (stepped in :meth:`on_train_epoch_end`)."""
+        optimizer = super().configure_optimizers()
+        scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=self.lr_decay)
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def on_train_epoch_end(self) -> None:
+        """Decay the learning rate (manual optimisation: Lightning leaves the scheduler to the model)."""
+        self.lr_schedulers().step()
+
     @property
     def trainer_arguments(self) -> dict[str, Any]:
-        """No sanity validation: thresholds come from full validation epochs."""
-        return {"num_sanity_val_steps": 0}
+        """The paper's epochs; no sanity validation (thresholds come from full validation epochs)."""
+        return {"max_epochs": self.epochs, "num_sanity_val_steps": 0}
