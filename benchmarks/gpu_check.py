@@ -158,13 +158,13 @@ def check_models(rows: list[tuple[str, str, str]], root: Path) -> None:
 
 def check_f2pad(rows: list[tuple[str, str, str]], root: Path) -> None:
     """F2PAD seconds per image on PatchCore and PaDiM (bench_f2pad's cut-paste protocol, resnet18, 256 px)."""
-    from bench_f2pad import build_dataset, run  # noqa: PLC0415
+    from bench_f2pad import build_paper, run  # noqa: PLC0415
 
     images = 8
-    build_dataset(root / "cutpaste", "brick", images, seed=0)
+    build_paper(root / "cutpaste", "brick", images, seed=0)
     for name in ("PatchCore", "PaDiM"):
-        row = run(name, "brick", root / "cutpaste", images, 0, root / "f2pad")
-        rows.append((f"F2PAD on {name}", f"{row.f2pad_seconds:.2f} s/image (backbone {row.backbone_seconds:.3f})",
+        row = run(name, "brick", root / "cutpaste", 0, root / "f2pad")
+        rows.append((f"F2PAD on {name}", f"{row.seconds_f2pad:.2f} s/image (backbone {row.seconds_backbone:.3f})",
                      f"IoU {row.iou_before:.1f} -> {row.iou_after:.1f}"))
 
 

@@ -39,7 +39,7 @@ MVTEC_CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", 
                     "screw", "tile", "toothbrush", "transistor", "wood", "zipper")
 F2PAD_CATEGORIES = ("hazelnut", "leather", "metal_nut", "capsule", "tile", "wood")  # F2PAD's Table I
 #: Short solves for the offline dry run (it checks the path, not F2PAD's accuracy).
-DRY_RUN_F2PAD = {"max_iterations": 20, "reestimation_iterations": 5}
+DRY_RUN_F2PAD = {"max_iterations": 20, "reestimation_iterations": 5, "calibration_images": 2}
 OFFLINE_HINT = ("This command needs internet access (MVTec AD through anomalib, ImageNet weights through timm); "
                 "offline, `--embedded` runs the same steps on the embedded data with random-init CPU settings.")
 
@@ -81,14 +81,14 @@ def benchmark_config(base: Path, root: Path, categories: Sequence[str]) -> dict:
 def f2pad_rows(root: Path, categories: Sequence[str], images: int, pre_trained: bool, dry_run: bool,
                work: Path) -> list[dict]:
     """F2PAD's cut-paste protocol (``bench_f2pad``) on PatchCore and PaDiM: one row per model and category."""
-    from bench_f2pad import build_dataset, run  # noqa: PLC0415 - sibling script
+    from bench_f2pad import build_paper, run  # noqa: PLC0415 - sibling script
 
     rows = []
     settings = DRY_RUN_F2PAD if dry_run else None
     for category in categories:
-        build_dataset(work / "cutpaste", category, images, seed=0, source_root=root)
+        build_paper(work / "cutpaste", category, images, seed=0, source_root=root)
         for name, model in (("PatchCore", "Patchcore"), ("PaDiM", "Padim")):
-            row = run(name, category, work / "cutpaste", images, 0, work / "f2pad", pre_trained, settings)
+            row = run(name, category, work / "cutpaste", 0, work / "f2pad", pre_trained, settings)
             rows += [
                 {"model": model, "category": category, "metric": "IoU", "value": row.iou_before},
                 {"model": f"F2PAD {model}", "category": category, "metric": "IoU", "value": row.iou_after},
