@@ -39,7 +39,7 @@ MVTEC_CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", 
                     "screw", "tile", "toothbrush", "transistor", "wood", "zipper")
 F2PAD_CATEGORIES = ("hazelnut", "leather", "metal_nut", "capsule", "tile", "wood")  # F2PAD's Table I
 #: Short solves for the offline dry run (it checks the path, not F2PAD's accuracy).
-DRY_RUN_F2PAD = {"max_iterations": 20, "reestimation_iterations": 5, "calibration_images": 2}
+DRY_RUN_F2PAD = {"max_iterations": 20, "reestimation_iterations": 5}
 OFFLINE_HINT = ("This command needs internet access (MVTec AD through anomalib, ImageNet weights through timm); "
                 "offline, `--embedded` runs the same steps on the embedded data with random-init CPU settings.")
 

@@ -77,7 +77,7 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Patchcore, Engine,
     data = MVTecAD(
         root=small_dataset(root / "data"), category="brick", train_batch_size=8, eval_batch_size=4, num_workers=0
     )
-    model = tiny_patchcore(F2PAD(**SMALL, visualization_dir=root / "figures"), mask_metrics())
+    model = tiny_patchcore(F2PAD(**SMALL, calibration_images=4, visualization_dir=root / "figures"), mask_metrics())
     engine = Engine(default_root_dir=root / "results", logger=False, enable_progress_bar=False, max_epochs=1)
     engine.fit(model, datamodule=data)
     return model, engine, data, root
