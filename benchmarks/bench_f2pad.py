@@ -167,7 +167,9 @@ def count_images(root: Path, category: str) -> int:
     return len([p for p in (root / category / "test").glob("*/*.png") if p.parent.name != "good"])
 
 
-def measure(code: str, model, engine: Engine, name: str, category: str, roots: dict[str, Path]) -> list[Row]:  # noqa: ANN001, E501
+def measure(
+    code: str, model, engine: Engine, name: str, category: str, roots: dict[str, Path]  # noqa: ANN001
+) -> list[Row]:
     """Validate (threshold) and test each protocol with F2PAD disabled and enabled."""
     rows = []
     for protocol, root in roots.items():

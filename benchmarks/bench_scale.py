@@ -42,7 +42,7 @@ SEED = 0
 
 # --------------------------------------------------------------------------- data
 def build_training_images(target: Path, count: int, seed: int = SEED) -> list[Path]:
-    """``count`` augmented copies (random crop 80-100%, resized to 128 px, random flips) of the brick training images."""
+    """``count`` augmented copies (random crop 80-100%, 128 px, random flips) of the brick training images."""
     from anomalib_mlff.data import EMBEDDED_ROOT
 
     sources = sorted((EMBEDDED_ROOT / "brick" / "train" / "good").glob("*.png"))

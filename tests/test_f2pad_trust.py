@@ -143,7 +143,8 @@ def test_post_processor_names_the_file_of_a_nan_image_or_map() -> None:
     with pytest.raises(ValueError, match=r"anomaly maps of b/001.png"):
         f2pad.refine_batch(module, batch, raw_map)
     normalised[0, 1, 5, 5] = float("nan")
-    batch = ImageBatch(image=normalised, image_path=["a/000.png", "b/001.png"], anomaly_map=torch.ones(2, 1, SIZE, SIZE))
+    paths = ["a/000.png", "b/001.png"]
+    batch = ImageBatch(image=normalised, image_path=paths, anomaly_map=torch.ones(2, 1, SIZE, SIZE))
     with pytest.raises(ValueError, match=r"images of a/000.png"):
         f2pad.refine_batch(module, batch, torch.ones(2, 1, SIZE, SIZE))
 

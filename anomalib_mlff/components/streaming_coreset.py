@@ -19,8 +19,8 @@ coreset, ``tests/test_streaming_coreset.py`` checks the radius within 5% of the 
 greedy on PatchCore embeddings; at 3x it was 2-9% larger). When the budget holds every embedding
 no reduction runs and the result is exactly the all-in-memory fit.
 
-Under DDP each rank streams its own shard; :meth:`StreamingCoreset.finish` reduces each rank's candidates to ``capacity //
-world_size``, gathers them, and rank 0's greedy choice is broadcast, so every rank ends with the
+Under DDP each rank streams its own shard; :meth:`StreamingCoreset.finish` reduces each rank's candidates to
+``capacity // world_size``, gathers them, and rank 0's greedy choice is broadcast, so every rank ends with the
 identical coreset.
 """
 

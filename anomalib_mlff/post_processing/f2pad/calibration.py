@@ -42,7 +42,7 @@ _DEFECTS = (cut_paste, cut_paste_scar, confetti_noise)
 
 
 def synthetic_defects(images: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each [0, 1] image ``(B, C, H, W)`` with one pseudo anomaly (the kinds taken in turn) and its mask ``(B, H, W)``."""
+    """Each [0, 1] image ``(B, C, H, W)`` with one pseudo anomaly (kinds in turn) and its mask ``(B, H, W)``."""
     generator = torch.Generator().manual_seed(seed)
     defective, masks = [], []
     for index, image in enumerate(images.cpu()):

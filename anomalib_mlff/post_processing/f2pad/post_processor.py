@@ -383,9 +383,10 @@ class F2PAD(PostProcessor):
         batch.f2pad_fallback = result.fallback
         if self.replace_anomaly_map:
             refined_map = result.anomaly_map(self.mask_threshold)
-            if batch.anomaly_map is not None:
-                kept = result.fallback.reshape(-1, *([1] * (batch.anomaly_map.ndim - 1)))
-                refined_map = torch.where(kept, batch.anomaly_map, refined_map.reshape(batch.anomaly_map.shape))
+            backbone_map = batch.anomaly_map
+            if result.fallback.any() and backbone_map is not None and backbone_map.numel() == refined_map.numel():
+                kept = result.fallback.reshape(-1, *([1] * (backbone_map.ndim - 1)))
+                refined_map = torch.where(kept, backbone_map, refined_map.reshape(backbone_map.shape))
             batch.anomaly_map = refined_map
         if self.visualization_dir is not None:
             self._save_figures(batch, images, result)
@@ -397,7 +398,7 @@ class F2PAD(PostProcessor):
             bad = ~torch.isfinite(raw_anomaly_map.reshape(raw_anomaly_map.shape[0], -1)).all(1)
             if bad.any():
                 items = bad.nonzero().flatten().tolist()
-                msg = f"F2PAD: the anomaly maps of {_names(batch, items)} hold NaN or inf; the model gave no usable map."
+                msg = f"F2PAD: the anomaly maps of {_names(batch, items)} hold NaN or inf (no usable map)."
                 raise ValueError(msg)
         if self.initial_threshold is None and torch.isnan(self._pixel_threshold).item():
             self._warn_no_pixel_threshold(from_batch_mask=batch.pred_mask is not None)
