@@ -33,7 +33,7 @@ from anomalib_mlff.components.normalization import PixelRange
 from .calibration import calibrate
 from .inpaint import Inpainter, build_inpainter
 from .objective import NonFiniteError
-from .optimizer import OptimizerSettings
+from .optimizer import OptimizerSettings, check_finite
 from .prior import PixelPrior
 from .refinement import Refinement, RefinementSettings, refine
 from .scorers import build_scorer, scorer_class_for
@@ -376,7 +376,7 @@ class F2PAD(PostProcessor):
             except NonFiniteError as error:
                 raise ValueError(f"F2PAD: {error.what} of {_names(batch, error.items)} hold NaN or inf.") from error
         if self.calibration_veto and self.calibration is not None and not self.calibration["refines"]:
-            result = result.fall_back(initial)  # no refinement beat the initial masks when calibrating
+            result = result.fall_back(initial, initial.flatten(1).any(1))  # calibration: no refinement helped
         batch.initial_mask = initial
         batch.pred_mask = result.pred_mask
         batch.normal_image = result.normal_image
@@ -395,11 +395,10 @@ class F2PAD(PostProcessor):
     def _initial_masks(self, batch: Batch, raw_anomaly_map: torch.Tensor | None, size: torch.Size) -> torch.Tensor:
         """The backbone's masks at the image size, ``(B, H, W)`` bool."""
         if raw_anomaly_map is not None:
-            bad = ~torch.isfinite(raw_anomaly_map.reshape(raw_anomaly_map.shape[0], -1)).all(1)
-            if bad.any():
-                items = bad.nonzero().flatten().tolist()
-                msg = f"F2PAD: the anomaly maps of {_names(batch, items)} hold NaN or inf (no usable map)."
-                raise ValueError(msg)
+            try:
+                check_finite("the anomaly maps", raw_anomaly_map)
+            except NonFiniteError as error:
+                raise ValueError(f"F2PAD: {error.what} of {_names(batch, error.items)} hold NaN or inf.") from error
         if self.initial_threshold is None and torch.isnan(self._pixel_threshold).item():
             self._warn_no_pixel_threshold(from_batch_mask=batch.pred_mask is not None)
         if self.initial_threshold is not None or batch.pred_mask is None:

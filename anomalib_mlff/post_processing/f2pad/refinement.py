@@ -84,11 +84,10 @@ class Refinement:
             fallback=torch.zeros(batch, dtype=torch.bool, device=images.device),
         )
 
-    def fall_back(self, initial_masks: torch.Tensor) -> Refinement:
-        """The result with every image that had a mask kept at ``initial_masks``."""
-        fallback = initial_masks.flatten(1).any(1)
-        pred_mask = torch.where(fallback[:, None, None], initial_masks.bool(), self.pred_mask)
-        return replace(self, pred_mask=pred_mask, fallback=fallback)
+    def fall_back(self, initial_masks: torch.Tensor, which: torch.Tensor) -> Refinement:
+        """The result with the images ``which`` (``(B,)`` bool) kept at ``initial_masks`` and marked as fallbacks."""
+        pred_mask = torch.where(which[:, None, None], initial_masks.bool(), self.pred_mask)
+        return replace(self, pred_mask=pred_mask, fallback=self.fallback | which)
 
     def anomaly_map(self, mask_threshold: float) -> torch.Tensor:
         """|A| mapped into [0, 1) as ``|A| / (|A| + threshold)``: the mask threshold lands on 0.5."""
@@ -123,9 +122,7 @@ def refine(
             refined = _resize(refined, images[index : index + 1], settings.mask_threshold)
         for name in _FIELDS:
             getattr(result, name)[index] = getattr(refined, name)[0]
-    result.fallback = result.explained < settings.min_explained
-    result.pred_mask = torch.where(result.fallback[:, None, None], initial_masks.bool(), result.pred_mask)
-    return result
+    return result.fall_back(initial_masks, result.explained < settings.min_explained)
 
 
 _FIELDS = ("pred_mask", "magnitude", "normal_image", "initial_normal_image", "iterations", "explained")
@@ -161,13 +158,14 @@ def _refine_at_model_size(
     with torch.no_grad():
         initial_embedding = scorer.embed(start_crop)
     scores = scorer.prepare(initial_embedding, window)
+    positions = positions_touched(region_crop, scorer.stride, settings.reach)
     anomaly_sizes = initial_masks.flatten(1).float().mean(1).to(observed.dtype)
     objective = Objective(
         scorer=scorer,
         scores=scores,
         observed=observed_crop,
         region=region_crop,
-        positions=positions_touched(region_crop, scorer.stride, settings.reach),
+        positions=positions,
         feature_scale=torch.ones_like(anomaly_sizes),
         sparsity_weight=settings.sparsity_weight / anomaly_sizes,
         eps=settings.log_eps,
@@ -177,7 +175,9 @@ def _refine_at_model_size(
     )
     objective = replace(objective, feature_scale=calibrate_feature_scale(objective, start_crop))
     optimizer = replace(settings.optimizer, eps=settings.log_eps)
-    score_observed, score_start = objective.feature_score(observed_crop), objective.feature_score(start_crop)
+    score_observed = objective.feature_score(observed_crop)
+    with torch.no_grad():  # L at the start, from the embedding the candidates were chosen on
+        score_start = (scores(initial_embedding) * positions).flatten(1).sum(1)
     normal, trace = minimise(objective, start_crop, observed_crop, region_crop, optimizer, settings.share_gradients)
     iterations = trace.iterations
     magnitude = torch.linalg.vector_norm(observed_crop - normal, dim=1) * region_crop
