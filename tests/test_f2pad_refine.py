@@ -124,3 +124,28 @@ def test_images_of_another_size_than_the_model_input_are_refined_at_the_model_si
     assert result.pred_mask.shape == (1, 96, 96)
     assert result.normal_image.shape == (1, 3, 96, 96)
     assert iou(result.pred_mask[0], truth) > 0.5
+
+
+def test_inpainting_the_dilated_region_starts_away_from_a_defect_the_initial_mask_half_covers() -> None:
+    """A coarse mask over only part of the defect: inpainted alone, the start keeps the observed defect in the rest
+    of it; inpainting the dilated region replaces those pixels too (from outside it), and the mask is no worse."""
+    image, truth = defect_image()
+    columns = truth.any(0).nonzero().flatten()
+    half = truth.clone()
+    half[:, : int(columns.float().mean())] = False  # the initial mask covers the defect's right half only
+    scorer = build_scorer(patchcore(), IMAGENET, num_candidates=5)
+    results = {
+        dilated: refine(image[None], half[None], scorer, ClassicalInpainter(), prior(),
+                        replace(SMALL, inpaint_dilated=dilated))
+        for dilated in (False, True)
+    }
+    missed = truth & ~half & dilate(half[None], SMALL.dilation)[0]
+    assert missed.sum() > 10
+
+    def start_change(dilated: bool) -> float:
+        change = torch.linalg.vector_norm(results[dilated].initial_normal_image[0] - image, dim=0)
+        return float(change[missed].mean())
+
+    assert start_change(False) == 0.0  # still the defect's colour: only the initial mask was inpainted
+    assert start_change(True) > 0.2
+    assert iou(results[True].pred_mask[0], truth) >= iou(results[False].pred_mask[0], truth) - 0.02

@@ -2,7 +2,10 @@
 
 1. Images whose initial mask is empty are returned at once, unchanged, with an empty mask.
 2. Dilate the initial mask: the region R that is optimised.
-3. Inpaint the initial mask: X_N^0.
+3. Inpaint R (``inpaint_dilated``, default) or only the initial mask: X_N^0. Inpainting R fills from
+   pixels outside the dilated mask; inpainting the initial mask alone fills from its border, which lies
+   inside the defect wherever the coarse mask is smaller than or offset from it, so X_N^0 keeps the
+   defect's colour there and the refined mask shrinks (benchmarks/README.md, issue 11).
 4. Cut a common crop around R (the features outside it cannot change); fix the model's
    initial-estimate quantities (PatchCore's candidate neighbours) and the feature-term scale;
    the sparsity weight is lambda0 / (fraction of the image the initial mask covers).
@@ -43,6 +46,7 @@ class RefinementSettings:
     reestimation_iterations: int = 200
     share_gradients: bool = True
     min_explained: float = 0.5
+    inpaint_dilated: bool = True
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
 
 
@@ -152,7 +156,7 @@ def _refine_at_model_size(
 ) -> Refinement:
     """Steps 2-6 for images that all have a non-empty mask."""
     region = dilate(initial_masks, settings.dilation)
-    start = inpainter(observed, initial_masks)
+    start = inpainter(observed, region if settings.inpaint_dilated else initial_masks)
     window = FeatureWindow.around(region, settings.crop_margin, scorer.alignment)
     observed_crop, region_crop, start_crop = (window.crop(t) for t in (observed, region, start))
     with torch.no_grad():
