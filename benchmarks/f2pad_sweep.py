@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from lightning.pytorch import seed_everything
-from scipy import ndimage
 from skimage.filters import apply_hysteresis_threshold, threshold_otsu
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -35,11 +34,13 @@ import bench_f2pad as bench  # noqa: E402
 
 from anomalib_mlff import F2PAD  # noqa: E402
 from anomalib_mlff.post_processing.f2pad.post_processor import _pixel_range  # noqa: E402
-from anomalib_mlff.post_processing.f2pad.refinement import refine  # noqa: E402
+from anomalib_mlff.post_processing.f2pad.refinement import RefinementSettings, refine  # noqa: E402
 from anomalib_mlff.post_processing.f2pad.scorers import build_scorer  # noqa: E402
+from anomalib_mlff.post_processing.f2pad.window import dilate  # noqa: E402
 
 OUT = Path(os.environ.get("F2PAD_SWEEP_DIR", "/tmp/f2pad_sweep"))
 CATEGORIES, NAMES = ("brick", "grass"), ("PatchCore", "PaDiM")
+DILATION = RefinementSettings().dilation  # the region R the mask rules are confined to
 
 
 def iou(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
@@ -112,8 +113,8 @@ def _otsu(magnitude: np.ndarray, region: np.ndarray, floor: float) -> np.ndarray
 
 
 RULES = {
-    "|A|>0.1": lambda m, r: m > 0.1,
-    "|A|>0.05": lambda m, r: m > 0.05,
+    "A>0.1": lambda m, r: m > 0.1,
+    "A>0.05": lambda m, r: m > 0.05,
     "hyst .05/.15": lambda m, r: apply_hysteresis_threshold(m, 0.05, 0.15),
     "otsu >=.03": lambda m, r: _otsu(m, r, 0.03),
 }
@@ -129,26 +130,27 @@ def table(tag: str) -> None:
             caches[key] = torch.load(OUT / f"{key[0]}_{key[1]}.pt")
         item = caches[key][record["protocol"]][record["index"]]
         magnitude, gt = np.asarray(record["magnitude"], dtype=np.float32), item["gt"].numpy()
-        region = ndimage.binary_dilation(item["initial"].numpy(), iterations=8)
+        region = dilate(item["initial"][None], DILATION)[0].numpy()
         group = groups[(record["model"], record["category"], record["protocol"])]
         group["before"].append(record["iou_before"])
         group["run"].append(record["iou_after"])
-        group["s/img"].append(record["seconds"] / 100)
-        group["iter"].append(record["iterations"] / 100)
+        group["s/img"].append(record["seconds"])
+        group["iter"].append(record["iterations"])
         for rule, mask_of in RULES.items():
             group[rule].append(iou(mask_of(magnitude, region) & region, gt))
-    columns = ["before", "run", *RULES, "s/img", "iter"]
-    print("| model | category | protocol | " + " | ".join(columns) + " |")
-    print("|---" * (3 + len(columns)) + "|")
+    masks = ["run", *RULES]
+    print("| model | category | protocol | before | " + " | ".join(masks) + " | s/img | iterations |")
+    print("|---" * (6 + len(masks)) + "|")
     for (model, category, protocol), group in sorted(groups.items()):
-        print(f"| {model} | {category} | {protocol} | "
-              + " | ".join(f"{100 * np.mean(group[c]):.1f}" for c in columns) + " |")
-    print("\n| model | protocol | " + " | ".join(f"{c} gain (worst)" for c in columns[1:-2]) + " |")
-    print("|---" * (len(columns) - 1) + "|")
+        ious = " | ".join(f"{100 * np.mean(group[c]):.1f}" for c in ["before", *masks])
+        print(f"| {model} | {category} | {protocol} | {ious} | {np.mean(group['s/img']):.1f} "
+              f"| {np.mean(group['iter']):.0f} |")
+    print("\n| model | protocol | " + " | ".join(f"{c} gain (worst)" for c in masks) + " |")
+    print("|---" * (2 + len(masks)) + "|")
     for model, protocol in sorted({(k[0], k[2]) for k in groups}):
         cats = [groups[(model, c, protocol)] for c in CATEGORIES if (model, c, protocol) in groups]
         cells = []
-        for column in columns[1:-2]:
+        for column in masks:
             gains = [100 * (np.mean(g[column]) - np.mean(g["before"])) for g in cats]
             cells.append(f"{np.mean(gains):+.1f} ({min(gains):+.1f})")
         print(f"| {model} | {protocol} | " + " | ".join(cells) + " |")
@@ -158,7 +160,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["prepare", "run", "table"])
     parser.add_argument("tag", nargs="?", default="default")
-    parser.add_argument("overrides", nargs="?", default="{}", help="RefinementSettings (or OptimizerSettings) overrides as JSON")
+    parser.add_argument("overrides", nargs="?", default="{}",
+                        help="RefinementSettings (or OptimizerSettings) overrides as JSON")
     parser.add_argument("--images", type=int, default=6, help="images per protocol part (cut-paste, real, material)")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()

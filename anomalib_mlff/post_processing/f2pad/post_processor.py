@@ -77,10 +77,10 @@ class F2PAD(PostProcessor):
         reestimation_iterations: iteration cap of the re-estimation.
         min_explained: do no harm: an image keeps the backbone's mask (and its map) unless the recovered
             normal image, changed only inside the refined mask, removes at least this share of the anomaly
-            score that inpainting the initial mask removes (``Refinement.explained``); 0 trusts every refinement.
-        inpaint_dilated: inpaint the whole dilated region for the start X_N^0 (default) rather than only the
-            initial mask (the paper's reading; its fill comes from the mask's border, inside the defect wherever
-            the coarse mask misses part of it; benchmarks/README.md).
+            score that the inpainted start X_N^0 removes (``Refinement.explained``); 0 trusts every refinement.
+        inpaint_dilated: the start X_N^0 inpaints the whole dilated region (default); ``False`` inpaints only the
+            initial mask, as the paper's text reads, whose fill then comes from the mask's border: inside the
+            defect wherever the coarse mask misses part of it (benchmarks/README.md).
         calibration_images: normal training images on which, when training ends, synthetic defects are drawn
             and the sparsity, prior and TV weights and the mask threshold are chosen (see ``calibration.py``);
             0 (default) keeps the given weights. Opt-in: on bench_f2pad.py the chosen weights lowered IoU on

@@ -60,7 +60,7 @@ class Refinement:
         normal_image: recovered normal images ``(B, C, H, W)`` in [0, 1].
         initial_normal_image: the inpainted start X_N^0 ``(B, C, H, W)``.
         iterations: optimiser iterations per image (both solves), ``(B,)``.
-        explained: share of the anomaly score that inpainting the initial mask removes which the recovered
+        explained: share of the anomaly score that the inpainted start X_N^0 removes which the recovered
             normal image removes too, changing only the refined mask's pixels, ``(B,)`` (see :func:`explained`).
         fallback: images whose refinement was not trusted (``explained < min_explained``) and whose
             ``pred_mask`` is the initial mask, ``(B,)`` bool.
