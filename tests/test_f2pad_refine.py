@@ -11,6 +11,7 @@ import torch
 from anomalib_mlff.post_processing.f2pad import ClassicalInpainter, PixelPrior, RefinementSettings, refine
 from anomalib_mlff.post_processing.f2pad.objective import Objective, calibrate_feature_scale
 from anomalib_mlff.post_processing.f2pad.optimizer import OptimizerSettings, minimise
+from anomalib_mlff.post_processing.f2pad.refinement import initial_estimates, lowest_energy_solve
 from anomalib_mlff.post_processing.f2pad.scorers import DifferentiableScorer, build_scorer
 from anomalib_mlff.post_processing.f2pad.window import FeatureWindow, dilate, positions_touched
 from tests.f2pad_fixtures import IMAGENET, SIZE, defect_image, padim, patchcore, training_images
@@ -130,22 +131,64 @@ def test_inpainting_the_dilated_region_starts_away_from_a_defect_the_initial_mas
     """A coarse mask over only part of the defect: inpainted alone, the start keeps the observed defect in the rest
     of it; inpainting the dilated region replaces those pixels too (from outside it), and the mask is no worse."""
     image, truth = defect_image()
-    columns = truth.any(0).nonzero().flatten()
-    half = truth.clone()
-    half[:, : int(columns.float().mean())] = False  # the initial mask covers the defect's right half only
+    half = half_mask(truth)
     scorer = build_scorer(patchcore(), IMAGENET, num_candidates=5)
     results = {
-        dilated: refine(image[None], half[None], scorer, ClassicalInpainter(), prior(),
-                        replace(SMALL, inpaint_dilated=dilated))
-        for dilated in (False, True)
+        start: refine(image[None], half[None], scorer, ClassicalInpainter(), prior(), replace(SMALL, starts=(start,)))
+        for start in ("mask", "region")
     }
     missed = truth & ~half & dilate(half[None], SMALL.dilation)[0]
     assert missed.sum() > 10
 
-    def start_change(dilated: bool) -> float:
-        change = torch.linalg.vector_norm(results[dilated].initial_normal_image[0] - image, dim=0)
+    def start_change(start: str) -> float:
+        change = torch.linalg.vector_norm(results[start].initial_normal_image[0] - image, dim=0)
         return float(change[missed].mean())
 
-    assert start_change(False) == 0.0  # still the defect's colour: only the initial mask was inpainted
-    assert start_change(True) > 0.2
-    assert iou(results[True].pred_mask[0], truth) >= iou(results[False].pred_mask[0], truth) - 0.02
+    assert start_change("mask") == 0.0  # still the defect's colour: only the initial mask was inpainted
+    assert start_change("region") > 0.2
+    assert iou(results["region"].pred_mask[0], truth) >= iou(results["mask"].pred_mask[0], truth) - 0.02
+
+
+def half_mask(truth: torch.Tensor) -> torch.Tensor:
+    """The defect's right half: a coarse initial mask that misses part of it."""
+    columns = truth.any(0).nonzero().flatten()
+    half = truth.clone()
+    half[:, : int(columns.float().mean())] = False
+    return half
+
+
+def test_with_several_starts_each_image_keeps_the_solve_with_the_lowest_objective() -> None:
+    """J with a deep minimum at 0.2 and a shallow one at 0.8: per image the start in the deep basin wins."""
+    observed = torch.full((2, 1, 8, 8), 0.5)
+    region = torch.ones(2, 8, 8, dtype=torch.bool)
+
+    def objective(x: torch.Tensor) -> torch.Tensor:  # two basins per pixel, the one at 0.2 deeper
+        deep, shallow = (x - 0.2).square(), (x - 0.8).square() + 0.05
+        return torch.minimum(deep, shallow).flatten(1).sum(1)
+
+    near_deep, near_shallow = torch.full_like(observed, 0.25), torch.full_like(observed, 0.75)
+    starts = [torch.cat([near_shallow[:1], near_deep[1:]]), torch.cat([near_deep[:1], near_shallow[1:]])]
+    settings = OptimizerSettings(max_iterations=30, tolerance=0.0)
+    normal, chosen, iterations = lowest_energy_solve(objective, starts, observed, region, settings, share=False)
+    assert chosen.tolist() == [1, 0]  # image 0 from the second start, image 1 from the first
+    assert (normal - 0.2).abs().max() < 0.05
+    singles = [minimise(objective, start, observed, region, settings, share=False)[1].iterations for start in starts]
+    assert torch.equal(iterations, singles[0] + singles[1])
+
+
+def test_region_in_mask_start_is_the_region_fill_inside_the_initial_mask_only() -> None:
+    image, truth = defect_image()
+    mask = half_mask(truth)[None]
+    region = dilate(mask, SMALL.dilation)
+    starts = ("region", "region_in_mask")
+    by_region, in_mask = initial_estimates(image[None], mask, region, ClassicalInpainter(), starts)
+    assert torch.equal(in_mask, torch.where(mask[:, None], by_region, image[None]))
+    assert not torch.equal(by_region, image[None])
+
+
+def test_unknown_or_empty_starts_are_refused_naming_the_parameter() -> None:
+    image, truth = defect_image()
+    scorer = build_scorer(patchcore(), IMAGENET, num_candidates=5)
+    for starts in ((), ("region", "blurred")):
+        with pytest.raises(ValueError, match="starts"):
+            refine(image[None], truth[None], scorer, ClassicalInpainter(), None, replace(SMALL, starts=starts))

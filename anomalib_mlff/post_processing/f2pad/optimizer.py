@@ -42,7 +42,7 @@ class OptimizerSettings:
     boost: float = 3.0
     eps: float = 0.05
     tolerance: float = 0.05
-    max_iterations: int = 1200
+    max_iterations: int = 50
     patience: int = 10
     min_iterations: int = 0
 

@@ -2,21 +2,25 @@
 
 1. Images whose initial mask is empty are returned at once, unchanged, with an empty mask.
 2. Dilate the initial mask: the region R that is optimised.
-3. Inpaint R (``inpaint_dilated``, default) or only the initial mask: X_N^0. Inpainting R fills from
-   pixels outside the dilated mask; inpainting the initial mask alone fills from its border, which lies
-   inside the defect wherever the coarse mask is smaller than or offset from it, so X_N^0 keeps the
-   defect's colour there and the refined mask shrinks (benchmarks/README.md, issue 11).
+3. The starts X_N^0 (``starts``, see :data:`STARTS`). Inpainting R fills from pixels outside the dilated
+   mask; inpainting the initial mask alone fills from its border, which lies inside the defect wherever the
+   coarse mask is smaller than or offset from it, so X_N^0 keeps the defect's colour there and the refined
+   mask shrinks (benchmarks/README.md, issue 11). R inpainted everywhere starts normal pixels of the ring
+   R minus the mask away from X too, which the sparsity term must pull back; R's fill inside the mask only
+   starts them at X. J is not convex, so with several starts each is minimised and the lowest J is kept.
 4. Cut a common crop around R (the features outside it cannot change); fix the model's
-   initial-estimate quantities (PatchCore's candidate neighbours) and the feature-term scale;
-   the sparsity weight is lambda0 / (fraction of the image the initial mask covers).
-5. Minimise J over R with the optimiser; the mask is where the channel norm of A = X - X_N
-   exceeds ``mask_threshold``.
+   initial-estimate quantities (PatchCore's candidate neighbours) and the feature-term scale at the first
+   start, so that every start minimises the same J; the sparsity weight is lambda0 / (fraction of the image
+   the initial mask covers).
+5. Minimise J over R with the optimiser from each start and keep the estimate with the lowest J; the mask is
+   where the channel norm of A = X - X_N exceeds ``mask_threshold``.
 6. Re-estimation: minimise J again without the sparsity term, over the final mask only, to recover X_N.
 Images of another size than ``working_size`` are resized to it and the results resized back.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -43,11 +47,43 @@ class RefinementSettings:
     reach: int = 16
     mask_threshold: float = 0.1
     reestimate: bool = True
-    reestimation_iterations: int = 200
+    reestimation_iterations: int = 25
     share_gradients: bool = True
     min_explained: float = 0.5
-    inpaint_dilated: bool = True
+    starts: tuple[str, ...] = ("region", "region_in_mask")
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
+
+
+#: The starts X_N^0 F2PAD can solve from; each is the observed image X with some pixels inpainted.
+STARTS = {
+    "mask": "the initial mask inpainted (the paper's start)",
+    "region": "the dilated region R inpainted",
+    "region_in_mask": "R's inpainting inside the initial mask, X in the rest of R",
+}
+
+
+def check_starts(starts: tuple[str, ...]) -> None:
+    """Raise ``ValueError`` naming ``starts`` unless it holds one or more known names."""
+    unknown = [name for name in starts if name not in STARTS]
+    if not starts or unknown or isinstance(starts, str):
+        raise ValueError(f"F2PAD: starts must be a non-empty list of {sorted(STARTS)}; got {starts!r}.")
+
+
+def initial_estimates(
+    observed: torch.Tensor,
+    initial_masks: torch.Tensor,
+    region: torch.Tensor,
+    inpainter: Inpainter,
+    starts: tuple[str, ...],
+) -> list[torch.Tensor]:
+    """X_N^0 for each name in ``starts`` (:data:`STARTS`), ``(B, C, H, W)`` each; R is inpainted once."""
+    inpainted: dict[str, torch.Tensor] = {}
+    if "mask" in starts:
+        inpainted["mask"] = inpainter(observed, initial_masks)
+    if {"region", "region_in_mask"} & set(starts):
+        inpainted["region"] = inpainter(observed, region)
+        inpainted["region_in_mask"] = torch.where(initial_masks[:, None], inpainted["region"], observed)
+    return [inpainted[name] for name in starts]
 
 
 @dataclass
@@ -58,9 +94,9 @@ class Refinement:
         pred_mask: refined masks ``(B, H, W)``.
         magnitude: channel norm of the anomalous part |A| ``(B, H, W)`` (zero outside R).
         normal_image: recovered normal images ``(B, C, H, W)`` in [0, 1].
-        initial_normal_image: the inpainted start X_N^0 ``(B, C, H, W)``.
-        iterations: optimiser iterations per image (both solves), ``(B,)``.
-        explained: share of the anomaly score that the inpainted start X_N^0 removes which the recovered
+        initial_normal_image: the start X_N^0 whose solve reached the lowest J, ``(B, C, H, W)``.
+        iterations: optimiser iterations per image (all solves), ``(B,)``.
+        explained: share of the anomaly score that the first start X_N^0 removes which the recovered
             normal image removes too, changing only the refined mask's pixels, ``(B,)`` (see :func:`explained`).
         fallback: images whose refinement was not trusted (``explained < min_explained``) and whose
             ``pred_mask`` is the initial mask, ``(B,)`` bool.
@@ -155,10 +191,12 @@ def _refine_at_model_size(
     settings: RefinementSettings,
 ) -> Refinement:
     """Steps 2-6 for images that all have a non-empty mask."""
+    check_starts(settings.starts)
     region = dilate(initial_masks, settings.dilation)
-    start = inpainter(observed, region if settings.inpaint_dilated else initial_masks)
+    starts = initial_estimates(observed, initial_masks, region, inpainter, settings.starts)
     window = FeatureWindow.around(region, settings.crop_margin, scorer.alignment)
-    observed_crop, region_crop, start_crop = (window.crop(t) for t in (observed, region, start))
+    observed_crop, region_crop = window.crop(observed), window.crop(region)
+    start_crop = window.crop(starts[0])
     with torch.no_grad():
         initial_embedding = scorer.embed(start_crop)
     scores = scorer.prepare(initial_embedding, window)
@@ -182,8 +220,11 @@ def _refine_at_model_size(
     score_observed = objective.feature_score(observed_crop)
     with torch.no_grad():  # L at the start, from the embedding the candidates were chosen on
         score_start = (scores(initial_embedding) * positions).flatten(1).sum(1)
-    normal, trace = minimise(objective, start_crop, observed_crop, region_crop, optimizer, settings.share_gradients)
-    iterations = trace.iterations
+    normal, chosen, iterations = lowest_energy_solve(
+        objective, [window.crop(start) for start in starts], observed_crop, region_crop, optimizer,
+        settings.share_gradients,
+    )
+    start = torch.stack(starts)[chosen, torch.arange(len(chosen))]
     magnitude = torch.linalg.vector_norm(observed_crop - normal, dim=1) * region_crop
     mask = magnitude > settings.mask_threshold
     if settings.reestimate and mask.any():
@@ -204,6 +245,36 @@ def _refine_at_model_size(
         explained=share,
         fallback=torch.zeros_like(share, dtype=torch.bool),
     )
+
+
+def lowest_energy_solve(
+    objective: Callable[[torch.Tensor], torch.Tensor],
+    starts: list[torch.Tensor],
+    observed: torch.Tensor,
+    region: torch.Tensor,
+    optimizer: OptimizerSettings,
+    share: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Minimise ``objective`` from each start; per image the estimate with the lowest value.
+
+    Returns the estimate ``(B, C, H, W)``, the index of its start ``(B,)`` and the iterations of all solves ``(B,)``.
+    """
+    best_normal = best_value = None
+    chosen = torch.zeros(observed.shape[0], dtype=torch.long, device=observed.device)
+    iterations = torch.zeros_like(chosen)
+    for index, start in enumerate(starts):
+        normal, trace = minimise(objective, start, observed, region, optimizer, share)
+        iterations = iterations + trace.iterations
+        with torch.no_grad():
+            value = objective(normal)
+        if best_value is None:
+            best_normal, best_value = normal, value
+            continue
+        lower = value < best_value
+        best_normal = torch.where(lower[:, None, None, None], normal, best_normal)
+        best_value = torch.where(lower, value, best_value)
+        chosen = torch.where(lower, torch.full_like(chosen, index), chosen)
+    return best_normal, chosen, iterations
 
 
 def _resize(refined: Refinement, observed: torch.Tensor, mask_threshold: float) -> Refinement:
