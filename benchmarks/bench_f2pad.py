@@ -10,12 +10,12 @@ Protocols (one MVTec-layout folder each, built deterministically; masks exact):
   ``material_defects.py``). None of them is drawn by F2PAD's calibration (CutPaste, scar, confetti).
 
 Models: anomalib's PatchCore (resnet18 layers 2+3) and PaDiM (resnet18), random initialisation, 256 px.
-Each (model, category) is fitted once (the fit ends with F2PAD's calibration); each protocol's test set
-then sets anomalib's F1-optimal pixel threshold (``Engine.validate``; the paper's oracle threshold) and is
-tested with F2PAD disabled (the backbone's mask) and enabled. "old" rows are the code of ``--baseline``
-(default: the commit before issue 11), run in a child process on the same checkpoint and images, with
-that code's defaults. Reports IoU/DICE (x100, mean over images) before/after, seconds per image of the
-test pass, and how many images the do-no-harm rule kept at the backbone's mask.
+Each (model, category) is fitted once (with ``--calibration-images`` the fit ends with F2PAD's calibration);
+each protocol's test set then sets anomalib's F1-optimal pixel threshold (``Engine.validate``; the paper's
+oracle threshold) and is tested with F2PAD disabled (the backbone's mask) and enabled. "old" rows are the
+code of ``--baseline`` (default: the commit before issue 11), run in a child process on the same checkpoint
+and images, with that code's defaults. Reports IoU/DICE (x100, mean over images) before/after, seconds per
+image of the test pass, and how many images the do-no-harm rule kept at the backbone's mask.
 
     python benchmarks/bench_f2pad.py                         # both categories, both models, old vs new
     python benchmarks/bench_f2pad.py --categories brick --models PaDiM --paper-images 2 --real-images 2 \\
@@ -290,7 +290,8 @@ def print_summary(rows: list[Row]) -> None:
         gains = [r.iou_after - r.iou_before for r in selected]
         seconds = np.mean([r.seconds_f2pad for r in selected])
         print(f"| {code} | {model} | {protocol} | {np.mean(gains):+.1f} | {min(gains):+.1f} | {seconds:.2f} |")
-        if code == "new":  # calibration_veto=True keeps the backbone's masks where the calibration saw no gain
+        if code == "new" and all(row.refines is not None for row in selected):
+            # calibration_veto=True keeps the backbone's masks where the calibration saw no gain
             vetoed = [gain if row.refines else 0.0 for gain, row in zip(gains, selected, strict=True)]
             print(f"| new, calibration_veto | {model} | {protocol} | {np.mean(vetoed):+.1f} | {min(vetoed):+.1f} | - |")
     for model in sorted({row.model for row in rows}):

@@ -8,9 +8,10 @@ cached image with ``RefinementSettings`` overrides (JSON) and stores |A|; ``tabl
 (model, category, protocol) for the run's own mask and for fixed, hysteresis and Otsu |A| thresholds.
 
     python benchmarks/f2pad_sweep.py prepare
-    python benchmarks/f2pad_sweep.py run initial '{"inpaint_dilated": false}'
-    python benchmarks/f2pad_sweep.py run dilated '{}'
-    python benchmarks/f2pad_sweep.py table initial; python benchmarks/f2pad_sweep.py table dilated
+    python benchmarks/f2pad_sweep.py run paper_start '{"starts": ["mask"]}'
+    python benchmarks/f2pad_sweep.py run defaults '{}'
+    python benchmarks/f2pad_sweep.py run brick_padim '{}' --categories brick --models PaDiM --protocols realistic
+    python benchmarks/f2pad_sweep.py table defaults
 """
 
 from __future__ import annotations
@@ -75,14 +76,18 @@ def prepare(category: str, name: str, images: int, seed: int) -> None:
     torch.save(data, OUT / f"{name}_{category}.pt")
 
 
-def run(tag: str, overrides: dict) -> None:
-    """Refine every cached image with the overridden settings; one JSON line per image."""
+def run(tag: str, overrides: dict, categories: list[str], models: list[str], protocols: list[str]) -> None:
+    """Refine every cached image of the given groups with the overridden settings; one JSON line each."""
     records = []
-    for category in CATEGORIES:
-        for name in NAMES:
+    for category in categories:
+        for name in models:
             model = bench.MODELS[name].load_from_checkpoint(OUT / f"{name}_{category}.ckpt", post_processor=F2PAD())
             model.eval()
             post = model.post_processor
+            defaults = vars(F2PAD(enabled=False))  # this code's settings, not those the checkpoint carried
+            for key in post._checkpoint_config_keys:  # noqa: SLF001
+                if key != "enabled" and key in defaults:
+                    setattr(post, key, defaults[key])
             scorer = build_scorer(model.model, _pixel_range(model), post.num_candidates)
             settings = post.settings(scorer.tolerance)
             names = {f.name for f in fields(settings)}
@@ -90,6 +95,8 @@ def run(tag: str, overrides: dict) -> None:
             settings = replace(settings, optimizer=replace(
                 settings.optimizer, **{k: v for k, v in overrides.items() if k not in names}))
             for protocol, items in torch.load(OUT / f"{name}_{category}.pt").items():
+                if protocol not in protocols:
+                    continue
                 for index, item in enumerate(items):
                     start = time.perf_counter()
                     with torch.enable_grad():
@@ -164,6 +171,11 @@ def main() -> None:
                         help="RefinementSettings (or OptimizerSettings) overrides as JSON")
     parser.add_argument("--images", type=int, default=6, help="images per protocol part (cut-paste, real, material)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--categories", nargs="+", default=list(CATEGORIES), choices=CATEGORIES,
+                        help="run: categories to refine")
+    parser.add_argument("--models", nargs="+", default=list(NAMES), choices=NAMES, help="run: models to refine")
+    parser.add_argument("--protocols", nargs="+", default=["paper", "realistic"], choices=["paper", "realistic"],
+                        help="run: protocols to refine")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     if args.command == "prepare":
@@ -171,7 +183,7 @@ def main() -> None:
             for name in NAMES:
                 prepare(category, name, args.images, args.seed)
     elif args.command == "run":
-        run(args.tag, json.loads(args.overrides))
+        run(args.tag, json.loads(args.overrides), args.categories, args.models, args.protocols)
     else:
         table(args.tag)
 
