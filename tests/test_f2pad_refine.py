@@ -95,7 +95,7 @@ class NeverCalled(DifferentiableScorer):
     def _embed(self, normalised: torch.Tensor) -> torch.Tensor:
         raise AssertionError("the model was run for an image with an empty mask")
 
-    def prepare(self, initial_embedding, window):  # noqa: ANN001, ANN201
+    def prepare(self, initial_embedding, window, positions=None):  # noqa: ANN001, ANN201
         raise AssertionError("the model was run for an image with an empty mask")
 
 

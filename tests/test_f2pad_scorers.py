@@ -66,6 +66,21 @@ def test_padim_scores_equal_the_squared_mahalanobis_distance_on_any_window() -> 
     torch.testing.assert_close(windowed[1], full[1, 8:16, 4:12])
 
 
+def test_padim_scores_only_the_given_positions_per_image_and_zero_elsewhere() -> None:
+    scorer = build_scorer(padim(), IMAGENET, num_candidates=5)
+    image, _ = defect_image()
+    window = FeatureWindow.full(2, (SIZE, SIZE), image.device)
+    with torch.no_grad():
+        embedding = scorer.embed(torch.stack([image, image.flip(-1)]))
+        full = scorer.prepare(embedding, window)(embedding)
+        positions = torch.zeros(full.shape, dtype=torch.bool)
+        positions[0, 2:5, 3:9] = True  # a different set, of a different size, per image
+        positions[1, 10:, :4] = True
+        some = scorer.prepare(embedding, window, positions)(embedding)
+    torch.testing.assert_close(some[positions], full[positions])
+    assert some[~positions].eq(0).all() and full[~positions].gt(0).all()
+
+
 @pytest.mark.parametrize("model", [patchcore, padim], ids=["patchcore", "padim"])
 def test_feature_term_gradient_matches_finite_differences(model) -> None:  # noqa: ANN001
     network = model().double()

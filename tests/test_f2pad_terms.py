@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from anomalib_mlff import Dice, IoU
-from anomalib_mlff.post_processing.f2pad.objective import log_sparsity, smoothness
+from anomalib_mlff.post_processing.f2pad.objective import channel_norm, log_sparsity, smoothness
 from anomalib_mlff.post_processing.f2pad.optimizer import share_gradients, step_scale
 from anomalib_mlff.post_processing.f2pad.prior import PixelPrior
 from anomalib_mlff.post_processing.f2pad.window import FeatureWindow, dilate, positions_touched
@@ -163,3 +163,16 @@ def test_iou_and_dice_average_over_images() -> None:
     dice.update(batch)
     assert iou.compute().item() == pytest.approx(0.75)
     assert dice.compute().item() == pytest.approx((2 / 3 + 1) / 2)
+
+
+def test_channel_norm_equals_vector_norm_in_value_and_gradient_including_zero_pixels() -> None:
+    images = torch.rand(2, 3, 12, 12, dtype=torch.float64) - 0.5
+    images[0, :, :4] = 0  # pixels where A = 0: vector_norm's gradient is 0 there, not NaN
+    ours, reference = (images.clone().requires_grad_(True) for _ in range(2))
+    weights = torch.rand(2, 12, 12, dtype=torch.float64)
+    (channel_norm(ours) * weights).sum().backward()
+    (torch.linalg.vector_norm(reference, dim=1) * weights).sum().backward()
+    torch.testing.assert_close(channel_norm(images), torch.linalg.vector_norm(images, dim=1))
+    torch.testing.assert_close(channel_norm(images, keepdim=True), torch.linalg.vector_norm(images, dim=1, keepdim=True))
+    torch.testing.assert_close(ours.grad, reference.grad)
+    assert ours.grad[0, :, :4].eq(0).all()

@@ -70,8 +70,8 @@ class FlooredScorer(DifferentiableScorer):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         return self.inner.embed(images)
 
-    def prepare(self, initial_embedding, window):  # noqa: ANN001, ANN201
-        scores = self.inner.prepare(initial_embedding, window)
+    def prepare(self, initial_embedding, window, positions=None):  # noqa: ANN001, ANN201
+        scores = self.inner.prepare(initial_embedding, window, positions)
         offset = scores(initial_embedding).amax().detach()
         return lambda embedding: (scores(embedding) - offset).clamp_min(0)
 
@@ -110,8 +110,8 @@ def test_nan_in_an_image_names_the_image() -> None:
 class NaNScorer(PatchcoreScorer):
     """PatchCore whose scores turn NaN once the estimate moves: a NaN in the objective and its gradients."""
 
-    def prepare(self, initial_embedding, window):  # noqa: ANN001, ANN201
-        scores = super().prepare(initial_embedding, window)
+    def prepare(self, initial_embedding, window, positions=None):  # noqa: ANN001, ANN201
+        scores = super().prepare(initial_embedding, window, positions)
         return lambda embedding: scores(embedding) * torch.where(
             (embedding - initial_embedding).abs().amax() > 0, float("nan"), 1.0
         )

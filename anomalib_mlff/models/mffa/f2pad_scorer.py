@@ -94,8 +94,11 @@ class MFFAScorer(MemoryBankScorer):
             return image_size
         return self._gaussian_scorer.working_size(image_size)
 
-    def prepare(self, initial_embedding: torch.Tensor, window: FeatureWindow) -> PositionScores:
-        """Fix the NNS candidates and gather the window's Gaussians; return the product score."""
+    def prepare(
+        self, initial_embedding: torch.Tensor, window: FeatureWindow, positions: torch.Tensor | None = None
+    ) -> PositionScores:
+        """Fix the NNS candidates and gather the window's Gaussians (every position); return the product score."""
+        del positions
         split = self._nns_channels
         nns_scores = super().prepare(initial_embedding[:, :split], window) if split else None
         gaussian_scores = (

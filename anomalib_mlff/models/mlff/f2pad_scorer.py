@@ -40,9 +40,11 @@ class MLFFScorer(DifferentiableScorer):
         psi, scores = self.model.extract_features(normalised)
         return scores if scores is not None else pseudo_huber_distance(psi)
 
-    def prepare(self, initial_embedding: torch.Tensor, window: FeatureWindow) -> PositionScores:
+    def prepare(
+        self, initial_embedding: torch.Tensor, window: FeatureWindow, positions: torch.Tensor | None = None
+    ) -> PositionScores:
         """Nothing to fix at the initial estimate: the score is the network's output."""
-        del initial_embedding, window
+        del initial_embedding, window, positions
 
         def scores(embedding: torch.Tensor) -> torch.Tensor:
             return embedding[:, 0].clamp_min(0)

@@ -22,9 +22,20 @@ from .prior import PixelPrior
 from .scorers import DifferentiableScorer, PositionScores
 
 
+def channel_norm(images: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
+    """Per-pixel L2 norm over the channels of ``(B, C, H, W)``, with gradient 0 where it is 0 (as ``vector_norm``).
+
+    ``torch.linalg.vector_norm(images, dim=1)`` gives the same values but takes ~100x longer on this CPU build
+    (5 ms for one 256 px image against 0.04 ms), and F2PAD calls it several times per iteration.
+    """
+    squared = images.square().sum(1, keepdim=keepdim)
+    positive = squared > 0
+    return torch.where(positive, torch.where(positive, squared, 1).sqrt(), 0)  # no inf gradient from sqrt(0)
+
+
 def log_sparsity(anomalous_part: torch.Tensor, region: torch.Tensor, eps: float) -> torch.Tensor:
     """LOG penalty ``sum log(1 + |A_ij| / eps)`` over the region, ``|A_ij|`` the channel norm; ``(B,)``."""
-    magnitude = torch.linalg.vector_norm(anomalous_part, dim=1)
+    magnitude = channel_norm(anomalous_part)
     return (torch.log1p(magnitude / eps) * region).flatten(1).sum(1)
 
 
@@ -113,7 +124,7 @@ def median_feature_gradient(objective: Objective, images: torch.Tensor) -> torch
     unscaled = replace(objective, feature_scale=torch.ones_like(objective.feature_scale))
     estimate = images.detach().requires_grad_(True)
     (gradient,) = torch.autograd.grad(unscaled.terms(estimate).feature.sum(), estimate)
-    norms = torch.linalg.vector_norm(gradient, dim=1)
+    norms = channel_norm(gradient)
     medians = [
         item[region].median() if region.any() else item.new_tensor(0.0)
         for item, region in zip(norms, objective.region, strict=True)

@@ -26,7 +26,7 @@ from kornia.filters import get_gaussian_kernel2d
 from timm.optim import Adan
 from torch.nn import functional as F  # noqa: N812
 
-from .objective import NonFiniteError
+from .objective import NonFiniteError, channel_norm
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ def share_gradients(
 
 def step_scale(anomalous_part: torch.Tensor, boost: float, eps: float) -> torch.Tensor:
     """Per-pixel step multiplier ``1 + boost / (1 + |A_ij| / eps)``, ``(B, 1, H, W)``."""
-    magnitude = torch.linalg.vector_norm(anomalous_part, dim=1, keepdim=True)
+    magnitude = channel_norm(anomalous_part, keepdim=True)
     return 1 + boost / (1 + magnitude / eps)
 
 

@@ -27,7 +27,7 @@ import torch
 from torch.nn import functional as F  # noqa: N812
 
 from .inpaint import Inpainter
-from .objective import NonFiniteError, Objective, calibrate_feature_scale
+from .objective import NonFiniteError, Objective, calibrate_feature_scale, channel_norm
 from .optimizer import OptimizerSettings, check_finite, minimise
 from .prior import PixelPrior
 from .scorers import DifferentiableScorer
@@ -199,8 +199,8 @@ def _refine_at_model_size(
     start_crop = window.crop(starts[0])
     with torch.no_grad():
         initial_embedding = scorer.embed(start_crop)
-    scores = scorer.prepare(initial_embedding, window)
     positions = positions_touched(region_crop, scorer.stride, settings.reach)
+    scores = scorer.prepare(initial_embedding, window, positions)
     anomaly_sizes = initial_masks.flatten(1).float().mean(1).to(observed.dtype)
     objective = Objective(
         scorer=scorer,
@@ -225,7 +225,7 @@ def _refine_at_model_size(
         settings.share_gradients,
     )
     start = torch.stack(starts)[chosen, torch.arange(len(chosen))]
-    magnitude = torch.linalg.vector_norm(observed_crop - normal, dim=1) * region_crop
+    magnitude = channel_norm(observed_crop - normal) * region_crop
     mask = magnitude > settings.mask_threshold
     if settings.reestimate and mask.any():
         recovery = replace(objective, region=mask, sparsity_weight=torch.zeros_like(objective.sparsity_weight))
