@@ -224,7 +224,7 @@ def _refine_at_model_size(
         objective, [window.crop(start) for start in starts], observed_crop, region_crop, optimizer,
         settings.share_gradients,
     )
-    start = torch.stack(starts)[chosen, torch.arange(len(chosen))]
+    start = torch.stack(starts)[chosen, torch.arange(len(chosen), device=chosen.device)]
     magnitude = channel_norm(observed_crop - normal) * region_crop
     mask = magnitude > settings.mask_threshold
     if settings.reestimate and mask.any():

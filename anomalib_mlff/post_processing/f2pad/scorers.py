@@ -242,6 +242,9 @@ class PadimScorer(DifferentiableScorer):
         rows = torch.arange(height, device=offsets.device)[None, :, None] + offsets[:, 0, None, None]
         cols = torch.arange(width, device=offsets.device)[None, None, :] + offsets[:, 1, None, None]
         grid = (rows * grid_width + cols).reshape(batch, -1)  # each crop position's index in the fitted grid
+        if positions is not None and tuple(positions.shape) != (batch, height, width):
+            msg = f"PaDiM positions {tuple(positions.shape)} do not match its embedding grid {(batch, height, width)}."
+            raise ValueError(msg)
         scored = torch.ones_like(grid, dtype=torch.bool) if positions is None else positions.reshape(batch, -1)
         items, places = scored.nonzero(as_tuple=True)  # the scored (image, crop position) pairs
         device = initial_embedding.device
