@@ -145,6 +145,7 @@ def refine(
 ) -> Refinement:
     """Refine ``initial_masks`` ``(B, H, W)`` of [0, 1] ``images`` ``(B, C, H, W)``; see the module docstring."""
     check_finite("the images", images)
+    check_starts(settings.starts)
     result = Refinement.unchanged(images)
     todo = initial_masks.flatten(1).any(1).nonzero().flatten().tolist()
     size = tuple(images.shape[-2:])
@@ -191,7 +192,6 @@ def _refine_at_model_size(
     settings: RefinementSettings,
 ) -> Refinement:
     """Steps 2-6 for images that all have a non-empty mask."""
-    check_starts(settings.starts)
     region = dilate(initial_masks, settings.dilation)
     starts = initial_estimates(observed, initial_masks, region, inpainter, settings.starts)
     window = FeatureWindow.around(region, settings.crop_margin, scorer.alignment)
@@ -265,8 +265,7 @@ def lowest_energy_solve(
     for index, start in enumerate(starts):
         normal, trace = minimise(objective, start, observed, region, optimizer, share)
         iterations = iterations + trace.iterations
-        with torch.no_grad():
-            value = objective(normal)
+        value = trace.values.amin(0)  # J at the returned estimate, which is each image's best iterate
         if best_value is None:
             best_normal, best_value = normal, value
             continue
