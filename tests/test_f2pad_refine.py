@@ -8,10 +8,11 @@ from dataclasses import replace
 import pytest
 import torch
 
+from anomalib_mlff import F2PAD
 from anomalib_mlff.post_processing.f2pad import ClassicalInpainter, PixelPrior, RefinementSettings, refine
 from anomalib_mlff.post_processing.f2pad.objective import Objective, calibrate_feature_scale
 from anomalib_mlff.post_processing.f2pad.optimizer import OptimizerSettings, minimise
-from anomalib_mlff.post_processing.f2pad.refinement import initial_estimates, lowest_energy_solve
+from anomalib_mlff.post_processing.f2pad.refinement import denoise_magnitude, initial_estimates, lowest_energy_solve
 from anomalib_mlff.post_processing.f2pad.scorers import DifferentiableScorer, build_scorer
 from anomalib_mlff.post_processing.f2pad.window import FeatureWindow, dilate, positions_touched
 from tests.f2pad_fixtures import IMAGENET, SIZE, defect_image, padim, patchcore, training_images
@@ -192,3 +193,42 @@ def test_unknown_or_empty_starts_are_refused_naming_the_parameter() -> None:
     for starts in ((), ("region", "blurred")):
         with pytest.raises(ValueError, match="starts"):
             refine(image[None], truth[None], scorer, ClassicalInpainter(), None, replace(SMALL, starts=starts))
+
+
+def test_median_filter_drops_isolated_pixels_and_fills_speckle_inside_a_defect() -> None:
+    """|A| > t on a blob with one-pixel gaps and on lone pixels of the ring: the filtered mask is the blob."""
+    magnitude = torch.zeros(1, 32, 32)
+    magnitude[:, 8:20, 8:20] = 0.3
+    magnitude[:, 10:18:3, 10:18:3] = 0.0  # crumbs of the normal colour inside the defect
+    magnitude[:, 2, 28] = magnitude[:, 25, 3] = 0.5  # lone pixels the optimiser left in the ring
+    region = torch.ones(1, 32, 32, dtype=torch.bool)
+    blob = torch.zeros(1, 32, 32, dtype=torch.bool)
+    blob[:, 8:20, 8:20] = True
+    filtered = denoise_magnitude(magnitude, region, 5) > 0.1
+    assert not torch.equal(magnitude > 0.1, blob)
+    interior = blob.clone()
+    interior[:, 8:20, 8:20] = False
+    interior[:, 9:19, 9:19] = True  # a 5x5 median rounds the blob's corners, nothing else
+    assert torch.equal(filtered & interior, interior) and not (filtered & ~blob).any()
+    assert torch.equal(denoise_magnitude(magnitude, region, 1), magnitude)
+    outside = denoise_magnitude(magnitude, torch.zeros_like(region), 5)
+    assert not outside.any()  # confined to the region
+
+
+def test_refined_mask_is_the_filtered_magnitude_above_the_threshold() -> None:
+    image, truth = defect_image()
+    scorer = build_scorer(patchcore(), IMAGENET, num_candidates=5)
+    settings = replace(SMALL, median_size=3, optimizer=replace(SMALL.optimizer, max_iterations=20))
+    result = refine(image[None], truth[None], scorer, ClassicalInpainter(), None, settings)
+    assert torch.equal(result.pred_mask, result.magnitude > settings.mask_threshold)
+    assert torch.equal(result.anomaly_map(settings.mask_threshold) > 0.5, result.pred_mask)
+
+
+def test_an_even_or_non_positive_median_size_is_refused_naming_the_parameter() -> None:
+    image, truth = defect_image()
+    scorer = build_scorer(patchcore(), IMAGENET, num_candidates=5)
+    for size in (0, 4, -3, 2.0):
+        with pytest.raises(ValueError, match="median_size"):
+            refine(image[None], truth[None], scorer, ClassicalInpainter(), None, replace(SMALL, median_size=size))
+    with pytest.raises(ValueError, match="median_size"):
+        F2PAD(median_size=6)

@@ -36,7 +36,7 @@ from .inpaint import Inpainter, build_inpainter
 from .objective import NonFiniteError
 from .optimizer import OptimizerSettings, check_finite
 from .prior import PixelPrior
-from .refinement import Refinement, RefinementSettings, check_starts, refine
+from .refinement import Refinement, RefinementSettings, check_median_size, check_starts, refine
 from .scorers import build_scorer, scorer_class_for
 from .visualization import refinement_figure
 
@@ -62,7 +62,11 @@ class F2PAD(PostProcessor):
         dilation: pixels the initial mask is grown by to give the optimised region.
         crop_margin: context pixels kept around the region when cropping the images for the backbone.
         reach: feature positions within this many pixels of the region count in the loss.
-        mask_threshold: a pixel is anomalous where |A| exceeds this.
+        mask_threshold: a pixel is anomalous where |A| (median-filtered, ``median_size``) exceeds this.
+        median_size: window of the median filter on |A| before the threshold (odd; 1: none), so that a pixel is
+            anomalous where most of its window is. 5: on the seed-1 sweep it removed the speckle inside defects whose
+            pixels partly share the normal colour (benchmarks/README.md) and raised the mean IoU gain on both
+            protocols and both models.
         initial_threshold: raw anomaly-map threshold of the initial mask; ``None`` uses the post-processor's
             F1-optimal pixel threshold.
         lr: Adan's learning rate.
@@ -113,6 +117,7 @@ class F2PAD(PostProcessor):
         crop_margin: int = 32,
         reach: int = 16,
         mask_threshold: float = 0.1,
+        median_size: int = 5,
         initial_threshold: float | None = None,
         lr: float = 0.01,
         clip: float = 0.03,
@@ -146,6 +151,8 @@ class F2PAD(PostProcessor):
         self.crop_margin = crop_margin
         self.reach = reach
         self.mask_threshold = mask_threshold
+        check_median_size(median_size)
+        self.median_size = median_size
         self.initial_threshold = initial_threshold
         self.lr = lr
         self.clip = clip
@@ -187,6 +194,7 @@ class F2PAD(PostProcessor):
             "crop_margin",
             "reach",
             "mask_threshold",
+            "median_size",
             "initial_threshold",
             "lr",
             "clip",
@@ -240,6 +248,7 @@ class F2PAD(PostProcessor):
             crop_margin=self.crop_margin,
             reach=self.reach,
             mask_threshold=self.mask_threshold,
+            median_size=self.median_size,
             reestimate=self.reestimate,
             reestimation_iterations=self.reestimation_iterations,
             min_explained=self.min_explained,
