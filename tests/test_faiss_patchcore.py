@@ -133,3 +133,29 @@ def test_openvino_export_matches_torch_at_f32(tmp_path: Path) -> None:
     for index in range(images.shape[0]):
         result = inferencer.predict(images[index : index + 1])
         np.testing.assert_allclose(np.asarray(result.anomaly_map), expected[index : index + 1].numpy(), atol=1e-4)
+
+
+def test_a_budget_smaller_than_the_training_embeddings_streams_through_reductions() -> None:
+    """The fit reduces its candidates within the budget and still keeps 10% of every embedding it saw.
+
+    A store built with the ratio unknown (1.0) refused its first reduction: any training set larger than
+    the budget stopped with the "budget too small" error, which only bench_scale.py's 1,000 images hit.
+    """
+    model = build(FaissPatchcore, coreset_sampling_ratio=0.1, memory_budget_mb=6, seed=SEED)
+    store = model.model.embedding_store
+    capacity = store.capacity(384)  # resnet18 layer2 + layer3
+    reductions: list[int] = []
+    reduce = store._reduce  # noqa: SLF001
+
+    def counting_reduce(target: int) -> None:
+        reductions.append(store.rows)
+        reduce(target)
+
+    store._reduce = counting_reduce  # noqa: SLF001
+    engine = Engine(default_root_dir=mkdtemp(dir=RUNS.name), logger=False,
+                    enable_progress_bar=False, enable_model_summary=False)
+    engine.fit(model, datamodule=datamodule())
+    images = len(engine.trainer.datamodule.train_data)
+    seen = images * (IMAGE_SIZE[0] // 8) * (IMAGE_SIZE[1] // 8)  # layer2's grid
+    assert seen > capacity and reductions and max(reductions) <= capacity
+    assert model.model.memory_bank.shape[0] == int(seen * 0.1)

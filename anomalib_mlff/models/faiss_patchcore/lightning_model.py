@@ -125,6 +125,7 @@ class FaissPatchcore(Patchcore, AnomalibModule):
             num_neighbors=num_neighbors,
             bank=bank,
             memory_budget_mb=memory_budget_mb,
+            coreset_sampling_ratio=coreset_sampling_ratio,
         ).to(dtype)
 
     def on_fit_start(self) -> None:

@@ -30,6 +30,8 @@ class FaissPatchcoreModel(PatchcoreModel):
         num_neighbors: neighbours of the nearest bank vector used by the score re-weighting.
         bank: the memory bank (search settings live there); default: exact search.
         memory_budget_mb: memory for the training embeddings kept while the coreset is streamed.
+        coreset_sampling_ratio: share of the training embeddings the bank keeps. The streamed store needs it from
+            the first reduction on (a reduction may not drop below the coreset of what it has seen).
     """
 
     def __init__(
@@ -40,13 +42,14 @@ class FaissPatchcoreModel(PatchcoreModel):
         num_neighbors: int = 9,
         bank: FaissMemoryBank | None = None,
         memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+        coreset_sampling_ratio: float = 0.1,
     ) -> None:
         super().__init__(layers=layers, backbone=backbone, pre_trained=pre_trained, num_neighbors=num_neighbors)
         del self.memory_bank  # anomalib's buffer; the bank's buffer takes its place (see the property)
         self.bank = bank if bank is not None else FaissMemoryBank()
-        # The ratio is set again by subsample_embedding (anomalib passes it there).
+        # anomalib passes the ratio again to subsample_embedding, which sets it once more.
         self.embedding_store = StreamingCoreset(
-            1.0, memory_budget_mb, seed=self.bank.seed, progress=self.bank.progress
+            coreset_sampling_ratio, memory_budget_mb, seed=self.bank.seed, progress=self.bank.progress
         )
 
     @property
