@@ -159,3 +159,33 @@ def test_a_budget_smaller_than_the_training_embeddings_streams_through_reduction
     seen = images * (IMAGE_SIZE[0] // 8) * (IMAGE_SIZE[1] // 8)  # layer2's grid
     assert seen > capacity and reductions and max(reductions) <= capacity
     assert model.model.memory_bank.shape[0] == int(seen * 0.1)
+
+
+@pytest.mark.parametrize("fault", [None, KeyboardInterrupt, MemoryError])
+def test_a_fit_interrupted_while_choosing_the_coreset_writes_no_checkpoint(
+    fault: type[BaseException] | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C or running out of memory during the coreset leaves no checkpoint that could load as if complete.
+
+    ``None``: the same fit uninterrupted writes its checkpoint there, with the whole bank.
+    """
+    from anomalib_mlff.components.streaming_coreset import StreamingCoreset
+
+    def interrupted(self: StreamingCoreset, device: torch.device | None = None) -> torch.Tensor:
+        raise fault
+
+    if fault is not None:
+        monkeypatch.setattr(StreamingCoreset, "finish", interrupted)
+    model = build(FaissPatchcore, coreset_sampling_ratio=0.1, seed=SEED)
+    root = Path(mkdtemp(dir=RUNS.name))
+    engine = Engine(default_root_dir=root, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    if fault is None:
+        engine.fit(model, datamodule=datamodule())
+        assert len(list(root.rglob("*.ckpt"))) == 1 and model.model.memory_bank.shape[0] > 0
+        return
+    try:
+        engine.fit(model, datamodule=datamodule())
+    except (fault, SystemExit):
+        pass  # Lightning stops a KeyboardInterrupt gracefully (or exits); a MemoryError propagates
+    assert not list(root.rglob("*.ckpt"))
+    assert model.model.memory_bank.shape[0] == 0  # nothing half-fitted in memory either
