@@ -9,7 +9,7 @@ import torch
 
 from anomalib_mlff import Dice, IoU
 from anomalib_mlff.post_processing.f2pad.objective import channel_norm, log_sparsity, smoothness
-from anomalib_mlff.post_processing.f2pad.optimizer import share_gradients, step_scale
+from anomalib_mlff.post_processing.f2pad.optimizer import GradientSharing, share_gradients, step_scale
 from anomalib_mlff.post_processing.f2pad.prior import PixelPrior
 from anomalib_mlff.post_processing.f2pad.window import FeatureWindow, dilate, positions_touched
 
@@ -100,6 +100,19 @@ def test_sharing_weights_sum_to_one_over_free_neighbours() -> None:
     # a weighted mean of equal values with weights summing to 1 is that value, at the region's edges too
     torch.testing.assert_close(shared[region[:, None].expand_as(shared)], torch.full((2 * 3 * 7 * 8,), 0.7))
     assert torch.all(shared[~region[:, None].expand_as(shared)] == 0)
+
+
+def test_sharing_as_a_sparse_product_equals_the_weighted_sum_over_reflected_taps() -> None:
+    """The sparse matrix gives each free pixel the weighted sum of its free neighbours' gradients, as kornia's
+    bilateral taps (reflected at the image border) do, for every image of a batch."""
+    generator = torch.Generator().manual_seed(1)
+    guidance = torch.rand(2, 3, 10, 13, generator=generator)
+    gradient = torch.randn(2, 3, 10, 13, generator=generator)
+    region = torch.rand(2, 10, 13, generator=generator) > 0.3  # touches every border
+    sharing = GradientSharing(guidance, region, 5, 1.0, 0.25)
+    dense = (sharing._taps(gradient * sharing.free) * sharing.weights).sum(2)  # noqa: SLF001
+    torch.testing.assert_close(sharing(gradient), dense)
+    assert not torch.equal(dense, gradient * sharing.free)  # sharing mixes neighbours
 
 
 def test_sharing_weights_follow_the_colours_of_the_image() -> None:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from sklearn.mixture import BayesianGaussianMixture
 from torch import nn
+from torch.nn import functional as F  # noqa: N812
 
 
 class PixelPrior(nn.Module):
@@ -76,11 +77,19 @@ class PixelPrior(nn.Module):
         self.precisions = torch.tensor(config["precisions"], dtype=torch.float32, device=device)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Squared Mahalanobis distance of each pixel of ``(B, C, H, W)`` images to its nearest component."""
+        """Squared Mahalanobis distance of each pixel of ``(B, C, H, W)`` images to its nearest component, ``(B, H, W)``.
+
+        With each precision factored as ``U^T U`` (Cholesky), the distance to component k is ``|U_k x - U_k mu_k|^2``:
+        one 1 x 1 convolution gives every component's whitened offset. F2PAD evaluates this every iteration; the
+        equivalent ``einsum("bhwkc,kcd,bhwkd->bhwk")`` took about 12x longer forward and backward on this CPU (39 vs
+        3 ms for a 256 px crop with 5 components).
+        """
         if not self.is_fitted:
             msg = "PixelPrior is not fitted: call fit() with training pixels first."
             raise RuntimeError(msg)
-        pixels = images.permute(0, 2, 3, 1)[..., None, :]  # (B, H, W, 1, C)
-        delta = pixels - self.means.to(images.dtype)  # (B, H, W, K, C)
-        squared = torch.einsum("bhwkc,kcd,bhwkd->bhwk", delta, self.precisions.to(images.dtype), delta)
-        return squared.amin(-1)
+        components, channels = self.means.shape
+        factors = torch.linalg.cholesky(self.precisions.double(), upper=True).to(images.dtype)  # (K, C, C)
+        weight = factors.reshape(components * channels, channels, 1, 1)
+        bias = -(factors @ self.means.to(images.dtype)[..., None]).reshape(components * channels)
+        whitened = F.conv2d(images, weight, bias).unflatten(1, (components, channels))  # (B, K, C, H, W)
+        return whitened.square().sum(2).amin(1)
