@@ -77,7 +77,7 @@ class PixelPrior(nn.Module):
         self.precisions = torch.tensor(config["precisions"], dtype=torch.float32, device=device)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Squared Mahalanobis distance of each pixel of ``(B, C, H, W)`` images to its nearest component, ``(B, H, W)``.
+        """Squared Mahalanobis distance of each pixel of ``(B, C, H, W)`` images to nearest component: ``(B, H, W)``.
 
         With each precision factored as ``U^T U`` (Cholesky), the distance to component k is ``|U_k x - U_k mu_k|^2``:
         one 1 x 1 convolution gives every component's whitened offset. F2PAD evaluates this every iteration; the
