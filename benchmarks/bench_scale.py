@@ -184,7 +184,8 @@ def radius_comparison(pool: list[Path], count: int, budget_mb: float, ratio: flo
     parts = []
     with torch.no_grad():
         for first in range(0, count, 32):
-            images = torch.stack([read_image(path, as_tensor=True) for path in pool[first : first + 32]])
+            batch = pool[first : min(first + 32, count)]  # not past `count` when the pool holds more images
+            images = torch.stack([read_image(path, as_tensor=True) for path in batch])
             embedding = model(transform(images))
             model.embedding_store.clear()
             store.append(embedding)
