@@ -142,11 +142,13 @@ def minimise(
     region: torch.Tensor,
     settings: OptimizerSettings,
     share: bool = True,
+    sharing: GradientSharing | None = None,
 ) -> tuple[torch.Tensor, OptimisationTrace]:
     """Minimise ``objective`` (one value per image) over the pixels of ``region``, starting at ``start``.
 
     Returns the final normal-image estimate and the trace. ``share=False`` gives plain Adan with the
-    other steps unchanged (for comparisons).
+    other steps unchanged (for comparisons). ``sharing``: weights already built for this ``observed`` and
+    ``region`` (several solves over the same region share them); built here when ``None``.
     """
     free = region[:, None].to(start.dtype)
     estimate = torch.where(free > 0, start, observed).clamp(0, 1).detach().requires_grad_(True)
@@ -156,11 +158,10 @@ def minimise(
     iterations = torch.zeros(batch, dtype=torch.long, device=start.device)
     best = torch.full((batch,), float("inf"), dtype=start.dtype, device=start.device)
     best_estimate = estimate.detach().clone()
-    sharing = (
-        GradientSharing(observed, region, settings.kernel_size, settings.sigma_space, settings.sigma_color)
-        if share
-        else None
-    )
+    if share and sharing is None:
+        sharing = GradientSharing(observed, region, settings.kernel_size, settings.sigma_space, settings.sigma_color)
+    elif not share:
+        sharing = None
     best_seen: list[torch.Tensor] = []
     values_seen: list[torch.Tensor] = []
     for iteration in range(settings.max_iterations + 1):

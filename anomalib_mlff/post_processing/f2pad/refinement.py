@@ -30,7 +30,7 @@ from torch.nn import functional as F  # noqa: N812
 
 from .inpaint import Inpainter
 from .objective import NonFiniteError, Objective, calibrate_feature_scale, channel_norm
-from .optimizer import OptimizerSettings, check_finite, minimise
+from .optimizer import GradientSharing, OptimizerSettings, check_finite, minimise
 from .prior import PixelPrior
 from .scorers import DifferentiableScorer
 from .window import FeatureWindow, dilate, positions_touched
@@ -77,11 +77,12 @@ def denoise_magnitude(magnitude: torch.Tensor, region: torch.Tensor, size: int) 
     The median exceeds the mask threshold exactly where most of a pixel's window does, so the mask loses the
     speckle of single pixels whose colour a defect happens to share with the normal surface (a hole's grey
     crumbs, a worn patch's texture) and the isolated pixels the optimiser leaves in the ring, while the map
-    keeps anomalib's convention that its 0.5 level is the mask. ``size`` 1 returns ``magnitude`` unchanged.
+    keeps anomalib's convention that its 0.5 level is the mask. ``size`` 1: |A| inside ``region``, unfiltered.
     """
+    inside = magnitude * region
     if size == 1:
-        return magnitude
-    return median_blur(magnitude[:, None], size)[:, 0] * region
+        return inside
+    return median_blur(inside[:, None], size)[:, 0] * region  # the median may spread past R's edge
 
 
 def check_starts(starts: tuple[str, ...]) -> None:
@@ -248,7 +249,7 @@ def _refine_at_model_size(
         settings.share_gradients,
     )
     start = torch.stack(starts)[chosen, torch.arange(len(chosen), device=chosen.device)]
-    magnitude = denoise_magnitude(channel_norm(observed_crop - normal) * region_crop, region_crop, settings.median_size)
+    magnitude = denoise_magnitude(channel_norm(observed_crop - normal), region_crop, settings.median_size)
     mask = magnitude > settings.mask_threshold
     if settings.reestimate and mask.any():
         recovery = replace(objective, region=mask, sparsity_weight=torch.zeros_like(objective.sparsity_weight))
@@ -282,11 +283,16 @@ def lowest_energy_solve(
 
     Returns the estimate ``(B, C, H, W)``, the index of its start ``(B,)`` and the iterations of all solves ``(B,)``.
     """
+    sharing = (  # the weights depend on the observed image and the region only: one set for every start
+        GradientSharing(observed, region, optimizer.kernel_size, optimizer.sigma_space, optimizer.sigma_color)
+        if share
+        else None
+    )
     best_normal = best_value = None
     chosen = torch.zeros(observed.shape[0], dtype=torch.long, device=observed.device)
     iterations = torch.zeros_like(chosen)
     for index, start in enumerate(starts):
-        normal, trace = minimise(objective, start, observed, region, optimizer, share)
+        normal, trace = minimise(objective, start, observed, region, optimizer, share, sharing)
         iterations = iterations + trace.iterations
         value = trace.values.amin(0)  # J at the returned estimate, which is each image's best iterate
         if best_value is None:
