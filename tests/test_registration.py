@@ -114,6 +114,9 @@ def test_unknown_model_still_fails_cleanly(run_python) -> None:  # noqa: ANN001
         "anomalib_mlff.components.backbone",
         "anomalib_mlff.components.texture",
         "anomalib_mlff.post_processing",
+        "anomalib_mlff.post_processing.f2pad.scorers",
+        "anomalib_mlff.components",
+        "anomalib_mlff.pipelines",
         "anomalib.engine",
     ],
 )
@@ -139,6 +142,18 @@ def test_anomalib_lookup_finds_faiss_patchcore(name: str) -> None:
     model = get_model(name, backbone="resnet18", pre_trained=False)
     assert type(model) is FaissPatchcore
     assert type(get_model("patchcore", backbone="resnet18", pre_trained=False)) is Patchcore  # still anomalib's own
+
+
+def test_no_lower_layer_imports_the_models_for_ordering() -> None:
+    """components/ and post_processing/ never import anomalib_mlff.models: the start-up hook owns the order."""
+    offenders = [
+        f"{path.relative_to(REPO_ROOT)}:{number}"
+        for folder in ("components", "post_processing")
+        for path in sorted((REPO_ROOT / "anomalib_mlff" / folder).rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if re.search(r"^\s*(import anomalib_mlff\.models|from anomalib_mlff\.models\b)", line)
+    ]
+    assert offenders == []
 
 
 def test_list_models_shows_every_registered_model() -> None:

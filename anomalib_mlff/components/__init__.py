@@ -1,6 +1,5 @@
 """Building blocks shared by the models: pseudo anomalies, texture and self-calibrated blocks, memory bank."""
 
-import anomalib_mlff.models  # noqa: F401  (registers the models first: see anomalib_mlff.models)
 from .coreset import greedy_coreset  # noqa: F401
 from .memory_bank import FaissMemoryBank  # noqa: F401
 from .pseudo_anomaly import PseudoAnomalyGenerator, confetti_noise, cut_paste, cut_paste_scar  # noqa: F401

@@ -1,12 +1,6 @@
-"""This plugin's anomalib models.
+"""This plugin's anomalib models (MLFF, MFFA, FaissPatchcore), one subpackage each.
 
-``anomalib.models`` is imported first, before any model module of ours starts executing, so
-that the start-up hook can register every model (see :mod:`anomalib_mlff.registry`) without
-meeting one of them half-imported.
+They are registered with anomalib by :mod:`anomalib_mlff.registry`, which the start-up hook
+(:mod:`anomalib_mlff._autoload`) runs as soon as ``anomalib.models`` loads; the hook also loads
+``anomalib.models`` before this package's body, so the order never depends on what is imported first.
 """
-
-import anomalib.models  # noqa: F401  (order matters: see the docstring)
-
-from anomalib_mlff.registry import register_models
-
-register_models()
