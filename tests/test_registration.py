@@ -156,6 +156,19 @@ def test_no_lower_layer_imports_the_models_for_ordering() -> None:
     assert offenders == []
 
 
+def test_no_model_imports_another_models_private_helpers() -> None:
+    """What several models share lives in components/ (e.g. the layer checks), not behind a sibling's underscore."""
+    models = REPO_ROOT / "anomalib_mlff" / "models"
+    offenders = [
+        f"{path.relative_to(REPO_ROOT)}:{number}"
+        for path in sorted(models.rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if (found := re.search(r"from anomalib_mlff\.models\.(\w+)\S* import .*\b_\w", line))
+        and found.group(1) != path.relative_to(models).parts[0]
+    ]
+    assert offenders == []
+
+
 def test_list_models_shows_every_registered_model() -> None:
     """Every model of the registry is listed, in anomalib's naming (``MLFF`` -> ``m_l_f_f``, like ``c_f_m``)."""
     from anomalib.models import list_models  # noqa: PLC0415

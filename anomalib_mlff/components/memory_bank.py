@@ -35,6 +35,7 @@ from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 from torch import nn
 
 from .coreset import greedy_coreset, validate_embeddings
+from .model_checks import capturing_graph
 
 logger = logging.getLogger(__name__)
 
@@ -64,16 +65,6 @@ def _gpu_resources_for(budget_bytes: int) -> Any:  # noqa: ANN401 - faiss.Standa
         _gpu_resources = faiss.StandardGpuResources()
         _gpu_resources.setTempMemory(budget_bytes)
     return _gpu_resources
-
-
-def capturing_graph() -> bool:
-    """True while torch traces, scripts, exports or compiles the running code."""
-    return (
-        torch.jit.is_tracing()
-        or torch.jit.is_scripting()
-        or torch.onnx.is_in_onnx_export()
-        or torch.compiler.is_compiling()
-    )
 
 
 class FaissMemoryBank(DynamicBufferMixin, nn.Module):

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F  # noqa: N812
 
 from anomalib_mlff.components.backbone import BackboneWeightsError
-from anomalib_mlff.components.memory_bank import capturing_graph
+from anomalib_mlff.components.model_checks import capturing_graph
 
 __all__ = ["LGFFP", "BlockedTalkingHeadsAttention", "create_cait_blocks", "resize_to"]
 

@@ -13,7 +13,8 @@ import torch
 from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 from torch import Tensor, nn
 
-from anomalib_mlff.components.memory_bank import FaissMemoryBank, capturing_graph
+from anomalib_mlff.components.memory_bank import FaissMemoryBank
+from anomalib_mlff.components.model_checks import capturing_graph
 from anomalib_mlff.components.streaming_coreset import DEFAULT_MEMORY_BUDGET_MB, StreamingCoreset
 
 from .lgffp import resize_to

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from anomalib_mlff.components.backbone import build_feature_extractor
 from anomalib_mlff.components.streaming_coreset import DEFAULT_MEMORY_BUDGET_MB
-from anomalib_mlff.models.mlff.torch_model import _check_backbone_layers, _exporting
+from anomalib_mlff.components.model_checks import capturing_graph, check_backbone_layers
 
 from .anomaly_map import AnomalyMapGenerator
 from .gaussian import GaussianBranch
@@ -94,7 +94,7 @@ class MFFAModel(nn.Module):
         if not (use_nns or use_gaussian):
             msg = "At least one of use_nns and use_gaussian must be True."
             raise ValueError(msg)
-        _check_backbone_layers(backbone, layers)
+        check_backbone_layers(backbone, layers)
         if grid_layer not in layers[:2]:
             msg = f"grid_layer must be one of the first two layers {layers[:2]}, got grid_layer={grid_layer!r}."
             raise ValueError(msg)
@@ -132,7 +132,7 @@ class MFFAModel(nn.Module):
             shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
             msg = f"images must be a (B, 3, H, W) tensor of RGB images, got {shape}."
             raise ValueError(msg)
-        if _exporting():
+        if capturing_graph():
             return
         if min(images.shape[-2:]) < self.min_size:
             size = tuple(images.shape[-2:])
@@ -143,7 +143,7 @@ class MFFAModel(nn.Module):
             raise ValueError(msg)
 
     def _check_fitted_grid(self, embeddings: MFFAEmbeddings) -> None:
-        if _exporting():
+        if capturing_graph():
             return
         if not self.is_fitted:
             msg = "MFFA is not fitted: train it first (anomalib's Engine.fit) or load a fitted checkpoint."

@@ -22,13 +22,13 @@ import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
-import timm
 import torch
 from anomalib.data import InferenceBatch
 from torch import Tensor, nn
 from torch.nn import functional as F  # noqa: N812
 
 from anomalib_mlff.components.backbone import build_feature_extractor
+from anomalib_mlff.components.model_checks import capturing_graph, check_backbone_layers
 from anomalib_mlff.components.scconv import SelfCalibratedConv
 from anomalib_mlff.components.texture import PyramidTextureExtraction, TextureEnhancement
 
@@ -59,13 +59,8 @@ def _resize(features: Tensor, size: torch.Size | tuple[int, int]) -> Tensor:
     return F.interpolate(features, size=size, mode="bilinear", align_corners=False)
 
 
-def _exporting() -> bool:
-    """True while tracing/exporting/compiling: value checks would be data-dependent control flow."""
-    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
-
-
 def _require_finite(tensor: Tensor, where: str) -> None:
-    if not _exporting() and not bool(torch.isfinite(tensor).all()):
+    if not capturing_graph() and not bool(torch.isfinite(tensor).all()):
         msg = (
             f"MLFF produced NaN/inf in {where} from finite images: the weights have diverged "
             "(lower the learning rate) or a checkpoint is corrupt."
@@ -97,33 +92,6 @@ class TextureBranch(nn.Module):
         first_order = self.tem(low)
         multi_scale = self.ptfem(self.merge(torch.cat([low, first_order], dim=1)))
         return torch.cat([low, first_order, multi_scale], dim=1)
-
-
-def _check_backbone_layers(backbone: str, layers: tuple[str, ...]) -> None:
-    """Fail with a clear ValueError before timm silently drops unknown layers."""
-    if not isinstance(backbone, str) or not timm.is_model(backbone):
-        msg = (
-            f"backbone={backbone!r} is not a timm model name; "
-            "use a CNN such as 'resnet18', 'resnet50', 'wide_resnet50_2'."
-        )
-        raise ValueError(msg)
-    if len(layers) != 3 or len(set(layers)) != 3:
-        msg = f"layers must name three distinct backbone stages (shallow, middle, deep), got layers={layers}."
-        raise ValueError(msg)
-    try:
-        with torch.device("meta"):  # structure only: no memory, no weights
-            probe = timm.create_model(backbone, pretrained=False, features_only=True, exportable=True)
-        available = [info["module"] for info in probe.feature_info.info]
-    except Exception as error:  # noqa: BLE001 - any timm failure means "cannot use this backbone"
-        msg = f"backbone={backbone!r} cannot provide feature maps ({type(error).__name__}: {error})."
-        raise ValueError(msg) from error
-    unknown = [layer for layer in layers if layer not in available]
-    if unknown:
-        msg = f"layers={layers}: {unknown} not in backbone {backbone!r}, whose stages are {available}."
-        raise ValueError(msg)
-    if [available.index(layer) for layer in layers] != sorted(available.index(layer) for layer in layers):
-        msg = f"layers={layers} must be ordered from shallow to deep ({available})."
-        raise ValueError(msg)
 
 
 class MLFFModel(nn.Module):
@@ -170,7 +138,7 @@ class MLFFModel(nn.Module):
         if not ptfem_scales or not all(isinstance(s, int) and s >= 1 for s in ptfem_scales):
             msg = f"ptfem_scales must be a non-empty sequence of positive integers, got ptfem_scales={ptfem_scales!r}."
             raise ValueError(msg)
-        _check_backbone_layers(backbone, layers)
+        check_backbone_layers(backbone, layers)
 
         self.layers = layers
         self.feature_extractor = build_feature_extractor(
@@ -233,7 +201,7 @@ class MLFFModel(nn.Module):
         if images.shape[1] != 3:
             msg = f"images must have 3 channels (RGB), got images of shape {tuple(images.shape)}."
             raise ValueError(msg)
-        if _exporting():
+        if capturing_graph():
             return
         height, width = images.shape[-2:]
         if height % self.size_multiple or width % self.size_multiple or min(height, width) < self.min_size:
