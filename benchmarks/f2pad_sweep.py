@@ -4,7 +4,7 @@ bench_f2pad.py runs whole Engine passes (old code vs new); this script answers "
 minutes. ``prepare`` builds both protocols of bench_f2pad.py (``--seed``: 1 by default, so that choices made
 here are not shaped on bench_f2pad.py's seed-0 images), fits PatchCore and PaDiM per category and caches
 every defective test image with its initial (F1-optimal) mask and ground truth. ``run TAG JSON`` refines every
-cached image with ``RefinementSettings`` overrides (JSON) and stores |A|; ``table TAG`` prints mean IoU per
+cached image with ``F2PADSettings`` overrides (JSON) and stores |A|; ``table TAG`` prints mean IoU per
 (model, category, protocol) for the run's own mask and for fixed, hysteresis and Otsu |A| thresholds.
 
     python benchmarks/f2pad_sweep.py prepare
@@ -22,7 +22,7 @@ import os
 import sys
 import time
 from collections import defaultdict
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,13 +35,13 @@ import bench_f2pad as bench  # noqa: E402
 
 from anomalib_mlff import F2PAD  # noqa: E402
 from anomalib_mlff.post_processing.f2pad.post_processor import _pixel_range  # noqa: E402
-from anomalib_mlff.post_processing.f2pad.refinement import RefinementSettings, refine  # noqa: E402
+from anomalib_mlff.post_processing.f2pad import F2PADSettings, refine  # noqa: E402
 from anomalib_mlff.post_processing.f2pad.scorers import build_scorer  # noqa: E402
 from anomalib_mlff.post_processing.f2pad.window import dilate  # noqa: E402
 
 OUT = Path(os.environ.get("F2PAD_SWEEP_DIR", "/tmp/f2pad_sweep"))
 CATEGORIES, NAMES = ("brick", "grass"), ("PatchCore", "PaDiM")
-DILATION = RefinementSettings().dilation  # the region R the mask rules are confined to
+DILATION = F2PADSettings().dilation  # the region R the mask rules are confined to
 
 
 def iou(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
@@ -84,16 +84,8 @@ def run(tag: str, overrides: dict, categories: list[str], models: list[str], pro
             model = bench.MODELS[name].load_from_checkpoint(OUT / f"{name}_{category}.ckpt", post_processor=F2PAD())
             model.eval()
             post = model.post_processor
-            defaults = vars(F2PAD(enabled=False))  # this code's settings, not those the checkpoint carried
-            for key in post._checkpoint_config_keys:  # noqa: SLF001
-                if key != "enabled" and key in defaults:
-                    setattr(post, key, defaults[key])
-            scorer = build_scorer(model.model, _pixel_range(model), post.num_candidates)
-            settings = post.settings(scorer.tolerance)
-            names = {f.name for f in fields(settings)}
-            settings = replace(settings, **{k: v for k, v in overrides.items() if k in names})
-            settings = replace(settings, optimizer=replace(
-                settings.optimizer, **{k: v for k, v in overrides.items() if k not in names}))
+            settings = replace(F2PADSettings(), **overrides)  # this code's defaults, not the checkpoint's
+            scorer = build_scorer(model.model, _pixel_range(model), settings.num_candidates)
             for protocol, items in torch.load(OUT / f"{name}_{category}.pt").items():
                 if protocol not in protocols:
                     continue
@@ -104,7 +96,8 @@ def run(tag: str, overrides: dict, categories: list[str], models: list[str], pro
                                         post.pixel_prior, settings, working_size=post.model_input_size)
                     record = {"model": name, "category": category, "protocol": protocol, "index": index,
                               "seconds": time.perf_counter() - start, "iterations": int(result.iterations[0]),
-                              "fallback": bool(result.fallback[0]), "iou_before": iou(item["initial"], item["gt"]),
+                              "fallback": bool(result.fallback[0]), "explained": float(result.explained[0]),
+                              "iou_before": iou(item["initial"], item["gt"]),
                               "iou_after": iou(result.pred_mask[0], item["gt"]),
                               "magnitude": result.magnitude[0].half().tolist()}
                     records.append(record)
@@ -168,7 +161,7 @@ def main() -> None:
     parser.add_argument("command", choices=["prepare", "run", "table"])
     parser.add_argument("tag", nargs="?", default="default")
     parser.add_argument("overrides", nargs="?", default="{}",
-                        help="RefinementSettings (or OptimizerSettings) overrides as JSON")
+                        help="F2PADSettings overrides as JSON")
     parser.add_argument("--images", type=int, default=6, help="images per protocol part (cut-paste, real, material)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--categories", nargs="+", default=list(CATEGORIES), choices=CATEGORIES,

@@ -12,8 +12,7 @@ from PIL import Image
 
 from anomalib_mlff.components.normalization import PixelRange
 from anomalib_mlff.data import EMBEDDED_ROOT
-from anomalib_mlff.post_processing.f2pad import ClassicalInpainter, DifferentiableScorer, RefinementSettings, refine
-from anomalib_mlff.post_processing.f2pad.optimizer import OptimizerSettings
+from anomalib_mlff.post_processing.f2pad import ClassicalInpainter, DifferentiableScorer, F2PADSettings, refine
 from anomalib_mlff.post_processing.f2pad.window import FeatureWindow
 
 SIZE = 64
@@ -102,7 +101,7 @@ def assert_refine_runs(scorer: DifferentiableScorer) -> None:
     image[:, :, 20:30, 24:34] = torch.tensor([0.9, 0.1, 0.7]).view(1, 3, 1, 1)
     initial = torch.zeros(1, SIZE, SIZE, dtype=torch.bool)
     initial[0, 18:32, 22:36] = True
-    settings = RefinementSettings(optimizer=OptimizerSettings(max_iterations=3), reestimation_iterations=2)
+    settings = F2PADSettings(max_iterations=3, tolerance=0.05, reestimation_iterations=2)
     result = refine(image, initial, scorer, ClassicalInpainter(), None, settings)
     assert result.pred_mask.shape == (1, SIZE, SIZE)
     assert 0 < int(result.iterations[0]) <= 3 * len(settings.starts) + 2  # each start's cap, then the re-estimation

@@ -145,14 +145,15 @@ def test_training_calibrates_the_weights_and_the_checkpoint_keeps_them(fitted, t
         assert getattr(restored.post_processor, name) == value
 
 
-def test_setup_names_a_model_without_scorer(tmp_path: Path) -> None:
-    from anomalib.models import Dfm  # noqa: PLC0415 - a feature-based model F2PAD has no scorer for
+def test_setup_names_a_model_whose_map_has_no_gradient(tmp_path: Path) -> None:
+    from anomalib.models import Dfm  # noqa: PLC0415 - its forward runs the backbone under torch.no_grad
 
     model = Dfm(backbone="resnet18", pre_trained=False, post_processor=F2PAD())
     data = MVTecAD(root=EMBEDDED_ROOT, category="brick", num_workers=0)
     engine = Engine(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, max_epochs=1)
-    with pytest.raises(TypeError, match="no differentiable scorer for DFMModel"):
-        engine.fit(model, datamodule=data)
+    engine.fit(model, datamodule=data)
+    with pytest.raises(TypeError, match="F2PAD cannot refine DFMModel: no gradient reaches the pixels"):
+        engine.test(model, datamodule=data)
 
 
 def test_yaml_config_and_anomalib_export_of_a_model_with_f2pad(fitted, tmp_path: Path) -> None:  # noqa: ANN001

@@ -9,16 +9,16 @@ import pytest
 import torch
 
 from anomalib_mlff import F2PAD
-from anomalib_mlff.post_processing.f2pad import ClassicalInpainter, PixelPrior, RefinementSettings, refine
+from anomalib_mlff.post_processing.f2pad import ClassicalInpainter, F2PADSettings, PixelPrior, refine
 from anomalib_mlff.post_processing.f2pad.objective import Objective, calibrate_feature_scale
-from anomalib_mlff.post_processing.f2pad.optimizer import OptimizerSettings, minimise
+from anomalib_mlff.post_processing.f2pad.optimizer import minimise
 from anomalib_mlff.post_processing.f2pad.refinement import denoise_magnitude, initial_estimates, lowest_energy_solve
 from anomalib_mlff.post_processing.f2pad.scorers import DifferentiableScorer, build_scorer
 from anomalib_mlff.post_processing.f2pad.window import FeatureWindow, dilate, positions_touched
 from tests.f2pad_fixtures import IMAGENET, SIZE, defect_image, padim, patchcore, training_images
 
 # the paper's pixel quantities are for 256 px images; these tests run at 64 px
-SMALL = RefinementSettings(dilation=3, crop_margin=16, reach=8, optimizer=OptimizerSettings(max_iterations=150))
+SMALL = F2PADSettings(dilation=3, crop_margin=16, reach=8, max_iterations=150, tolerance=0.05)
 
 
 def prior() -> PixelPrior:
@@ -62,7 +62,7 @@ def test_an_optimisation_run_lowers_the_objective() -> None:
         smoothness_weight=0.01,
     )
     objective = replace(objective, feature_scale=calibrate_feature_scale(objective, start))
-    settings = OptimizerSettings(max_iterations=40, tolerance=0.0)
+    settings = F2PADSettings(max_iterations=40, tolerance=0.0).optimizer(default_tolerance=0.0)
     normal, trace = minimise(objective, start, observed, objective.region, settings)
     assert trace.values.shape == (41, 1)
     assert objective(normal).item() < 0.9 * trace.values[0].item()
@@ -169,7 +169,7 @@ def test_with_several_starts_each_image_keeps_the_solve_with_the_lowest_objectiv
 
     near_deep, near_shallow = torch.full_like(observed, 0.25), torch.full_like(observed, 0.75)
     starts = [torch.cat([near_shallow[:1], near_deep[1:]]), torch.cat([near_deep[:1], near_shallow[1:]])]
-    settings = OptimizerSettings(max_iterations=30, tolerance=0.0)
+    settings = F2PADSettings(max_iterations=30, tolerance=0.0).optimizer(default_tolerance=0.0)
     normal, chosen, iterations = lowest_energy_solve(objective, starts, observed, region, settings, share=False)
     assert chosen.tolist() == [1, 0]  # image 0 from the second start, image 1 from the first
     assert (normal - 0.2).abs().max() < 0.05
@@ -218,7 +218,7 @@ def test_median_filter_drops_isolated_pixels_and_fills_speckle_inside_a_defect()
 def test_refined_mask_is_the_filtered_magnitude_above_the_threshold() -> None:
     image, truth = defect_image()
     scorer = build_scorer(patchcore(), IMAGENET, num_candidates=5)
-    settings = replace(SMALL, median_size=3, optimizer=replace(SMALL.optimizer, max_iterations=20))
+    settings = replace(SMALL, median_size=3, max_iterations=20)
     result = refine(image[None], truth[None], scorer, ClassicalInpainter(), None, settings)
     assert torch.equal(result.pred_mask, result.magnitude > settings.mask_threshold)
     assert torch.equal(result.anomaly_map(settings.mask_threshold) > 0.5, result.pred_mask)

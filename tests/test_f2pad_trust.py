@@ -10,7 +10,7 @@ from anomalib.data import ImageBatch
 from anomalib.models import Patchcore
 
 from anomalib_mlff import F2PAD
-from anomalib_mlff.post_processing.f2pad import ClassicalInpainter, PixelPrior, RefinementSettings, refine
+from anomalib_mlff.post_processing.f2pad import ClassicalInpainter, PixelPrior, F2PADSettings, refine
 from anomalib_mlff.post_processing.f2pad.calibration import (
     MASK_THRESHOLD_FACTORS,
     SEARCH,
@@ -156,7 +156,7 @@ def _small_kwargs() -> dict:
 def test_calibration_is_deterministic_and_tries_every_weight() -> None:
     normals = load_images("test/good", 3)
     scorer = build_scorer(patchcore(), IMAGENET, num_candidates=5)
-    fast = replace(SMALL, optimizer=replace(SMALL.optimizer, max_iterations=10), reestimation_iterations=3)
+    fast = replace(SMALL, max_iterations=10, reestimation_iterations=3)
 
     def anomaly_map(images: torch.Tensor) -> torch.Tensor:
         return patchcore()(IMAGENET.from_unit(images)).anomaly_map[:, 0]

@@ -77,8 +77,8 @@ def test_with_lgffp_f2pad_works_on_whole_images_only() -> None:
     region[0, 5:9, 5:9] = True
     with_cait = build_scorer(fitted(True), IMAGENET, num_candidates=4)
     without = build_scorer(fitted(False), IMAGENET, num_candidates=4)
-    assert FeatureWindow.around(region, 4, with_cait.alignment).size == (SIZE, SIZE)
-    assert FeatureWindow.around(region, 4, without.alignment).size < (SIZE, SIZE)  # a crop
+    assert with_cait.window(region, 4).size == (SIZE, SIZE)
+    assert without.window(region, 4).size < (SIZE, SIZE)  # a crop
 
 
 def test_feature_term_gradient_matches_finite_differences() -> None:

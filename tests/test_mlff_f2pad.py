@@ -58,7 +58,7 @@ def test_f2pad_works_on_whole_images() -> None:
     region = torch.zeros(1, SIZE, SIZE, dtype=torch.bool)
     region[0, 5:9, 5:9] = True
     scorer = build_scorer(network(), IMAGENET, num_candidates=1)
-    assert FeatureWindow.around(region, 4, scorer.alignment).size == (SIZE, SIZE)
+    assert scorer.window(region, 4).size == (SIZE, SIZE)
 
 
 def test_feature_term_gradient_matches_finite_differences() -> None:

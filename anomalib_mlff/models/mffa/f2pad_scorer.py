@@ -22,7 +22,6 @@ from torch.nn import functional as F  # noqa: N812
 
 from anomalib_mlff.components.normalization import PixelRange
 from anomalib_mlff.post_processing.f2pad.scorers import (
-    WHOLE_IMAGE_ALIGNMENT,
     MemoryBankScorer,
     PadimScorer,
     PositionScores,
@@ -34,6 +33,8 @@ from .torch_model import MFFAModel
 
 __all__ = ["MFFAScorer"]
 
+
+@register_scorer(MFFAModel)
 class MFFAScorer(MemoryBankScorer):
     """``d_NNS x d_Mahalanobis`` per position of MFFA's Gaussian grid (or one branch's score alone).
 
@@ -45,6 +46,7 @@ class MFFAScorer(MemoryBankScorer):
 
     def __init__(self, model: MFFAModel, pixel_range: PixelRange, num_candidates: int = 10) -> None:
         super().__init__(model, pixel_range, num_candidates)
+        self.crop_allowed = model.lgffp is None  # CaiT attends over the whole grid
         self._gaussian_scorer = None
         if model.gaussian is not None:
             gaussians = SimpleNamespace(
@@ -67,10 +69,6 @@ class MFFAScorer(MemoryBankScorer):
     @property
     def _nns_channels(self) -> int:
         return sum(self.model.feature_extractor.out_dims[1:]) if self.model.nns is not None else 0
-
-    def _strides(self) -> tuple[int, int]:
-        stride, alignment = super()._strides()
-        return (stride, WHOLE_IMAGE_ALIGNMENT) if self.model.lgffp is not None else (stride, alignment)
 
     def _search(self, queries: torch.Tensor, k: int) -> torch.Tensor:
         _, indices = self.model.nns.bank.search(queries, k)
@@ -113,5 +111,3 @@ class MFFAScorer(MemoryBankScorer):
 
         return scores
 
-
-register_scorer(MFFAModel, MFFAScorer)

@@ -8,7 +8,8 @@ pushing it further down would not make the image more normal.
 
 STLNet's texture branch quantises with image-wide statistics (TEM) and pools over whole-image
 pyramid regions (PTFEM), so a crop would change every feature: the scorer asks F2PAD for
-whole-image windows. Registered with F2PAD on import (``anomalib_mlff.models.mlff`` imports this).
+whole-image windows (``crop_allowed = False``). Registered with F2PAD on import
+(``anomalib_mlff.models.mlff`` imports this).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import torch
 
 from anomalib_mlff.post_processing.f2pad.scorers import (
-    WHOLE_IMAGE_ALIGNMENT,
     DifferentiableScorer,
     PositionScores,
     register_scorer,
@@ -29,12 +29,11 @@ from .torch_model import MLFFModel
 __all__ = ["MLFFScorer"]
 
 
+@register_scorer(MLFFModel)
 class MLFFScorer(DifferentiableScorer):
     """MLFF's per-pixel scores (layer1's grid), floored at 0, over whole images."""
 
-    def _strides(self) -> tuple[int, int]:
-        stride, _ = super()._strides()
-        return stride, WHOLE_IMAGE_ALIGNMENT
+    crop_allowed = False
 
     def _embed(self, normalised: torch.Tensor) -> torch.Tensor:
         psi, scores = self.model.extract_features(normalised)
@@ -51,5 +50,3 @@ class MLFFScorer(DifferentiableScorer):
 
         return scores
 
-
-register_scorer(MLFFModel, MLFFScorer)

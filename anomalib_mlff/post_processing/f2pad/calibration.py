@@ -24,8 +24,9 @@ from anomalib_mlff.components.pseudo_anomaly import confetti_noise, cut_paste, c
 from .inpaint import Inpainter
 from .metrics import mean_mask_iou
 from .prior import PixelPrior
-from .refinement import RefinementSettings, refine
+from .refinement import refine
 from .scorers import DifferentiableScorer
+from .settings import F2PADSettings
 
 #: Multipliers of the configured weight tried for each weight, in this order (coordinate search).
 SEARCH: dict[str, tuple[float, ...]] = {
@@ -89,7 +90,7 @@ def calibrate(
     scorer: DifferentiableScorer,
     inpainter: Inpainter,
     prior: PixelPrior | None,
-    settings: RefinementSettings,
+    settings: F2PADSettings,
     seed: int = 0,
 ) -> Calibration:
     """Choose the sparsity, prior and TV weights for ``settings`` on synthetic defects of ``normal_images``.
@@ -105,10 +106,14 @@ def calibrate(
     base_threshold = settings.mask_threshold
     thresholds = [base_threshold * factor for factor in MASK_THRESHOLD_FACTORS]
 
-    def solve(candidate: RefinementSettings) -> list[tuple[dict[str, float], float]]:
+    def solve(candidate: F2PADSettings) -> list[tuple[dict[str, float], float]]:
         """Mean IoU of the candidate's masks at each threshold, with the weights that gave it."""
-        quick = replace(candidate, reestimate=False, min_explained=0.0, optimizer=replace(
-            candidate.optimizer, max_iterations=min(candidate.optimizer.max_iterations, CALIBRATION_ITERATIONS)))
+        quick = replace(
+            candidate,
+            reestimate=False,
+            min_explained=0.0,
+            max_iterations=min(candidate.max_iterations, CALIBRATION_ITERATIONS),
+        )
         magnitude = refine(images, initial, scorer, inpainter, prior, quick).magnitude
         return [
             ({**_weights(candidate), "mask_threshold": threshold}, mean_mask_iou(magnitude > threshold, truths))
@@ -130,5 +135,5 @@ def calibrate(
     return Calibration(best_weights, mean_mask_iou(initial, truths), trials)
 
 
-def _weights(settings: RefinementSettings) -> dict[str, float]:
+def _weights(settings: F2PADSettings) -> dict[str, float]:
     return {name: float(getattr(settings, name)) for name in SEARCH}

@@ -32,18 +32,18 @@ from .objective import NonFiniteError, channel_norm
 
 @dataclass(frozen=True)
 class OptimizerSettings:
-    """Hyper-parameters of the optimiser (defaults: the paper's, mapped to [0, 1] pixels)."""
+    """Hyper-parameters of the optimiser; F2PAD's come from ``F2PADSettings.optimizer`` (defaults live there)."""
 
-    lr: float = 0.01
+    lr: float
+    clip: float
+    kernel_size: int
+    sigma_space: float
+    sigma_color: float
+    boost: float
+    eps: float
+    tolerance: float
+    max_iterations: int
     betas: tuple[float, float, float] = (0.98, 0.92, 0.99)
-    clip: float = 0.03
-    kernel_size: int = 5
-    sigma_space: float = 1.0
-    sigma_color: float = 0.25
-    boost: float = 3.0
-    eps: float = 0.05
-    tolerance: float = 0.05
-    max_iterations: int = 50
     patience: int = 10
     min_iterations: int = 0
 

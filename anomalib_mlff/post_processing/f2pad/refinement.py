@@ -2,7 +2,7 @@
 
 1. Images whose initial mask is empty are returned at once, unchanged, with an empty mask.
 2. Dilate the initial mask: the region R that is optimised.
-3. The starts X_N^0 (``starts``, see :data:`STARTS`). Inpainting R fills from pixels outside the dilated
+3. The starts X_N^0 (``starts``, see ``settings.STARTS``). Inpainting R fills from pixels outside the dilated
    mask; inpainting the initial mask alone fills from its border, which lies inside the defect wherever the
    coarse mask is smaller than or offset from it, so X_N^0 keeps the defect's colour there and the refined
    mask shrinks (benchmarks/README.md, issue 11). R inpainted everywhere starts normal pixels of the ring
@@ -22,7 +22,7 @@ Images of another size than ``working_size`` are resized to it and the results r
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 from kornia.filters import median_blur
@@ -33,42 +33,8 @@ from .objective import NonFiniteError, Objective, calibrate_feature_scale, chann
 from .optimizer import GradientSharing, OptimizerSettings, check_finite, minimise
 from .prior import PixelPrior
 from .scorers import DifferentiableScorer
+from .settings import F2PADSettings
 from .window import FeatureWindow, dilate, positions_touched
-
-
-@dataclass(frozen=True)
-class RefinementSettings:
-    """Everything F2PAD's procedure needs besides the model (pixel units: [0, 1] values, pixels)."""
-
-    sparsity_weight: float = 0.01
-    log_eps: float = 0.05
-    prior_weight: float = 0.01
-    smoothness_weight: float = 0.1
-    dilation: int = 8
-    crop_margin: int = 32
-    reach: int = 16
-    mask_threshold: float = 0.1
-    median_size: int = 5
-    reestimate: bool = True
-    reestimation_iterations: int = 25
-    share_gradients: bool = True
-    min_explained: float = 0.5
-    starts: tuple[str, ...] = ("region", "region_in_mask")
-    optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
-
-
-#: The starts X_N^0 F2PAD can solve from; each is the observed image X with some pixels inpainted.
-STARTS = {
-    "mask": "the initial mask inpainted (the paper's start)",
-    "region": "the dilated region R inpainted",
-    "region_in_mask": "R's inpainting inside the initial mask, X in the rest of R",
-}
-
-
-def check_median_size(size: int) -> None:
-    """Raise ``ValueError`` naming ``median_size`` unless it is a positive odd integer."""
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1 or size % 2 == 0:
-        raise ValueError(f"F2PAD: median_size must be a positive odd integer (1: no filter); got {size!r}.")
 
 
 def denoise_magnitude(magnitude: torch.Tensor, region: torch.Tensor, size: int) -> torch.Tensor:
@@ -85,13 +51,6 @@ def denoise_magnitude(magnitude: torch.Tensor, region: torch.Tensor, size: int) 
     return median_blur(inside[:, None], size)[:, 0] * region  # the median may spread past R's edge
 
 
-def check_starts(starts: tuple[str, ...]) -> None:
-    """Raise ``ValueError`` naming ``starts`` unless it holds one or more known names."""
-    unknown = [name for name in starts if name not in STARTS]
-    if not starts or unknown or isinstance(starts, str):
-        raise ValueError(f"F2PAD: starts must be a non-empty list of {sorted(STARTS)}; got {starts!r}.")
-
-
 def initial_estimates(
     observed: torch.Tensor,
     initial_masks: torch.Tensor,
@@ -99,7 +58,7 @@ def initial_estimates(
     inpainter: Inpainter,
     starts: tuple[str, ...],
 ) -> list[torch.Tensor]:
-    """X_N^0 for each name in ``starts`` (:data:`STARTS`), ``(B, C, H, W)`` each; R is inpainted once."""
+    """X_N^0 for each name in ``starts`` (``settings.STARTS``), ``(B, C, H, W)`` each; R is inpainted once."""
     inpainted: dict[str, torch.Tensor] = {}
     if "mask" in starts:
         inpainted["mask"] = inpainter(observed, initial_masks)
@@ -163,13 +122,11 @@ def refine(
     scorer: DifferentiableScorer,
     inpainter: Inpainter,
     prior: PixelPrior | None,
-    settings: RefinementSettings,
+    settings: F2PADSettings,
     working_size: tuple[int, int] | None = None,
 ) -> Refinement:
     """Refine ``initial_masks`` ``(B, H, W)`` of [0, 1] ``images`` ``(B, C, H, W)``; see the module docstring."""
     check_finite("the images", images)
-    check_starts(settings.starts)
-    check_median_size(settings.median_size)
     result = Refinement.unchanged(images)
     todo = initial_masks.flatten(1).any(1).nonzero().flatten().tolist()
     size = tuple(images.shape[-2:])
@@ -213,12 +170,12 @@ def _refine_at_model_size(
     scorer: DifferentiableScorer,
     inpainter: Inpainter,
     prior: PixelPrior | None,
-    settings: RefinementSettings,
+    settings: F2PADSettings,
 ) -> Refinement:
     """Steps 2-6 for images that all have a non-empty mask."""
     region = dilate(initial_masks, settings.dilation)
     starts = initial_estimates(observed, initial_masks, region, inpainter, settings.starts)
-    window = FeatureWindow.around(region, settings.crop_margin, scorer.alignment)
+    window = scorer.window(region, settings.crop_margin)
     observed_crop, region_crop = window.crop(observed), window.crop(region)
     start_crop = window.crop(starts[0])
     with torch.no_grad():
@@ -240,7 +197,7 @@ def _refine_at_model_size(
         smoothness_weight=settings.smoothness_weight,
     )
     objective = replace(objective, feature_scale=calibrate_feature_scale(objective, start_crop))
-    optimizer = replace(settings.optimizer, eps=settings.log_eps)
+    optimizer = settings.optimizer(scorer.tolerance)
     score_observed = objective.feature_score(observed_crop)
     with torch.no_grad():  # L at the start, from the embedding the candidates were chosen on
         score_start = (scores(initial_embedding) * positions).flatten(1).sum(1)

@@ -1,10 +1,14 @@
 """Feature-level anomaly scores of a model, differentiable in the input pixels: F2PAD's loss L(X_N).
 
-One small class per model. A scorer turns [0, 1] images into the model's embedding (``embed``) and,
-once per refinement, fixes what the paper fixes at the initial estimate (``prepare``), returning the
-per-position score function the optimiser calls every iteration. Supporting another model (MLFF,
-MFFA, ...) means writing ``_embed`` and ``prepare`` and registering the class with
-:func:`register_scorer`.
+A scorer turns [0, 1] images into the model's embedding (``embed``) and, once per refinement, fixes
+what the paper fixes at the initial estimate (``prepare``), returning the per-position score function
+the optimiser calls every iteration.
+
+- Any anomalib image model is refined through :class:`AnomalyMapScorer`: its own forward pass, the
+  raw anomaly map as a function of the pixels on the whole image, no scorer to write.
+- Registered scorers are faster specialisations (crops around the region, candidates fixed at the
+  initial estimate): anomalib's PatchCore and PaDiM here, this plugin's models beside each model
+  (``@register_scorer(MLFFModel)`` in ``models/mlff/f2pad_scorer.py``).
 """
 
 from __future__ import annotations
@@ -16,7 +20,12 @@ from typing import ClassVar
 
 import torch
 from anomalib.models.components import TimmFeatureExtractor
+from anomalib.models.image.cflow.torch_model import CflowModel
+from anomalib.models.image.cflow.utils import get_logp, positional_encoding_2d
+from anomalib.models.image.padim.torch_model import PadimModel
+from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 from torch import nn
+from torch.nn import functional as F  # noqa: N812
 
 from anomalib_mlff.components.normalization import PixelRange
 
@@ -25,29 +34,35 @@ from .window import FeatureWindow
 PositionScores = Callable[[torch.Tensor], torch.Tensor]
 """Maps a ``(B, C, h, w)`` embedding of the window crops to ``(B, h, w)`` anomaly scores."""
 
-
-#: An alignment no image size is a multiple of: F2PAD then works on whole images (see ``FeatureWindow.around``).
-#: For scorers whose features depend on the whole image (attention, image-wide statistics), so a crop would
-#: change them.
-WHOLE_IMAGE_ALIGNMENT = 2**31 - 1
-
-
 class MissingScorerError(TypeError):
     """The model has no differentiable scorer, so F2PAD cannot refine its masks."""
 
 
+_SCORERS: dict[type, type[DifferentiableScorer]] = {}  # model class -> its specialised scorer
+
+
+def register_scorer(model_class: type) -> Callable[[type[DifferentiableScorer]], type[DifferentiableScorer]]:
+    """Class decorator: F2PAD refines models of ``model_class`` (and its subclasses) with the decorated scorer."""
+
+    def register(scorer_class: type[DifferentiableScorer]) -> type[DifferentiableScorer]:
+        _SCORERS[model_class] = scorer_class
+        return scorer_class
+
+    return register
+
+
 @contextmanager
-def input_gradients(extractor: nn.Module) -> Iterator[None]:
-    """Let anomalib's feature extractor record the graph to its input (it runs under ``no_grad`` otherwise)."""
-    if not isinstance(extractor, TimmFeatureExtractor):
-        yield
-        return
-    previous = extractor.requires_grad
-    extractor.requires_grad = True
+def input_gradients(model: nn.Module) -> Iterator[None]:
+    """Let anomalib's feature extractors inside ``model`` record the graph to their input (``no_grad`` otherwise)."""
+    extractors = [module for module in model.modules() if isinstance(module, TimmFeatureExtractor)]
+    previous = [extractor.requires_grad for extractor in extractors]
+    for extractor in extractors:
+        extractor.requires_grad = True
     try:
         yield
     finally:
-        extractor.requires_grad = previous
+        for extractor, value in zip(extractors, previous, strict=True):
+            extractor.requires_grad = value
 
 
 class DifferentiableScorer(ABC):
@@ -61,10 +76,11 @@ class DifferentiableScorer(ABC):
     tolerance: ClassVar[float] = 0.05
     """Default stopping tolerance on the objective's per-iteration decrease (paper: 0.05, PaDiM 0.1)."""
 
+    crop_allowed: bool = True
+    """Whether F2PAD may score a crop around the region; ``False`` for features that depend on the whole image
+    (attention, image-wide statistics), where a crop would change them."""
+
     def __init__(self, model: nn.Module, pixel_range: PixelRange) -> None:
-        if getattr(model, "tiler", None) is not None:
-            msg = f"F2PAD cannot refine a tiled {type(model).__name__}: its features would not match the whole image's."
-            raise ValueError(msg)
         self.model = model
         self.pixel_range = pixel_range
         self.stride, self.alignment = self._strides()
@@ -95,9 +111,19 @@ class DifferentiableScorer(ABC):
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """[0, 1] images -> the model's embedding, keeping the graph to the pixels."""
-        dtype = next(self.feature_extractor.parameters()).dtype
-        with input_gradients(self.feature_extractor):
+        parameter = next(self.model.parameters(), None)
+        dtype = parameter.dtype if parameter is not None else images.dtype
+        with input_gradients(self.model):
             return self._embed(self.pixel_range.from_unit(images).to(dtype))
+
+    def window(self, regions: torch.Tensor, margin: int) -> FeatureWindow:
+        """Where to score ``(B, H, W)`` regions: a crop around them with ``margin`` pixels, or whole images."""
+        if not self.crop_allowed:
+            return FeatureWindow.full(regions.shape[0], tuple(regions.shape[-2:]), regions.device)
+        return FeatureWindow.around(regions, margin, self.alignment)
+
+    def check_differentiable(self, image_size: tuple[int, int]) -> None:
+        """Raise :class:`MissingScorerError` if the scores cannot be differentiated; registered scorers can."""
 
     def working_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
         """Image size the model can score; models tied to their training grid override this."""
@@ -158,6 +184,7 @@ class MemoryBankScorer(DifferentiableScorer):
         return scores
 
 
+@register_scorer(PatchcoreModel)
 class PatchcoreScorer(MemoryBankScorer):
     """anomalib's ``PatchcoreModel``: pooled multi-layer embedding, exhaustive bank search for candidates."""
 
@@ -179,22 +206,7 @@ class PatchcoreScorer(MemoryBankScorer):
         return self.model.memory_bank[indices]
 
 
-class FaissPatchcoreScorer(PatchcoreScorer):
-    """``FaissPatchcoreModel``: PatchCore's embedding, candidates from the FAISS bank's own search."""
-
-    @property
-    def bank_size(self) -> int:
-        """Coreset size of the FAISS bank."""
-        return int(self.model.bank.memory_bank.shape[0])
-
-    def _search(self, queries: torch.Tensor, k: int) -> torch.Tensor:
-        _, indices = self.model.bank.search(queries, k)
-        return indices
-
-    def _entries(self, indices: torch.Tensor) -> torch.Tensor:
-        return self.model.bank.memory_bank[indices]
-
-
+@register_scorer(PadimModel)
 class PadimScorer(DifferentiableScorer):
     """anomalib's ``PadimModel``: squared Mahalanobis distance to each position's Gaussian (paper Eq. 7)."""
 
@@ -261,37 +273,134 @@ class PadimScorer(DifferentiableScorer):
         return scores
 
 
-# model class (module.qualname) -> scorer class; looked up along the model's MRO.
-_SCORERS: dict[str, type[DifferentiableScorer]] = {
-    "anomalib.models.image.patchcore.torch_model.PatchcoreModel": PatchcoreScorer,
-    "anomalib.models.image.padim.torch_model.PadimModel": PadimScorer,
-    "anomalib_mlff.models.faiss_patchcore.torch_model.FaissPatchcoreModel": FaissPatchcoreScorer,
-}
+class AnomalyMapScorer(DifferentiableScorer):
+    """Any anomalib image model: its raw anomaly map (before anomalib's normalisation), through its own forward.
+
+    The "embedding" is the map itself, resized to the image if the model gives it smaller, and each
+    pixel's score is its value. Scored on whole images, since a model may use image-wide quantities.
+    :meth:`check_differentiable` refuses a model whose map gives the pixels no gradient.
+    """
+
+    crop_allowed = False
+
+    def _strides(self) -> tuple[int, int]:
+        return 1, 1  # one score per pixel
+
+    def _embed(self, normalised: torch.Tensor) -> torch.Tensor:
+        anomaly_map = self._anomaly_map(normalised)
+        anomaly_map = anomaly_map.reshape(anomaly_map.shape[0], 1, *anomaly_map.shape[-2:])
+        if anomaly_map.shape[-2:] != normalised.shape[-2:]:
+            anomaly_map = F.interpolate(anomaly_map, size=normalised.shape[-2:], mode="bilinear")
+        return anomaly_map
+
+    def _anomaly_map(self, normalised: torch.Tensor) -> torch.Tensor:
+        output = self.model(normalised)
+        anomaly_map = getattr(output, "anomaly_map", None)
+        if anomaly_map is None:
+            msg = (
+                f"F2PAD cannot refine {type(self.model).__name__}: its forward pass gives no anomaly map "
+                "(image-level scores only)."
+            )
+            raise MissingScorerError(msg)
+        return anomaly_map
+
+    def prepare(
+        self, initial_embedding: torch.Tensor, window: FeatureWindow, positions: torch.Tensor | None = None
+    ) -> PositionScores:
+        """Nothing to fix at the initial estimate: the score is the map's value."""
+        del initial_embedding, window, positions
+
+        def scores(embedding: torch.Tensor) -> torch.Tensor:
+            return embedding[:, 0]
+
+        return scores
+
+    def check_differentiable(self, image_size: tuple[int, int]) -> None:
+        """Run the model once on a ``image_size`` image and check that its map's gradient reaches the pixels."""
+        name = type(self.model).__name__
+        generator = torch.Generator().manual_seed(0)
+        parameter = next(self.model.parameters(), None)
+        device = parameter.device if parameter is not None else torch.device("cpu")
+        probe = torch.rand(1, 3, *image_size, generator=generator).to(device).requires_grad_(True)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                try:
+                    anomaly_map = self.embed(probe)
+                except MissingScorerError:
+                    raise
+                except Exception as error:
+                    msg = f"F2PAD cannot refine {name}: its forward pass failed ({type(error).__name__}: {error})."
+                    raise MissingScorerError(msg) from error
+                if not anomaly_map.requires_grad:
+                    msg = (
+                        f"F2PAD cannot refine {name}: no gradient reaches the pixels from its anomaly map (its forward "
+                        "pass runs under torch.no_grad or detaches the map)."
+                    )
+                    raise MissingScorerError(msg)
+                (gradient,) = torch.autograd.grad(anomaly_map.sum(), probe, allow_unused=True)
+        finally:
+            self.model.train(was_training)
+        if gradient is None or not bool(torch.isfinite(gradient).all()) or not bool(gradient.abs().sum() > 0):
+            msg = f"F2PAD cannot refine {name}: the gradient of its anomaly map to the pixels is zero or not finite."
+            raise MissingScorerError(msg)
 
 
-def register_scorer(model_class: str | type, scorer_class: type[DifferentiableScorer]) -> None:
-    """Make F2PAD refine models of ``model_class`` (a class or its ``module.QualName``) with ``scorer_class``."""
-    key = model_class if isinstance(model_class, str) else f"{model_class.__module__}.{model_class.__qualname__}"
-    _SCORERS[key] = scorer_class
+@register_scorer(CflowModel)
+class CflowScorer(AnomalyMapScorer):
+    """anomalib's ``CflowModel``: each layer's negative log-likelihood per feature dimension, summed over layers.
+
+    CFLOW's forward runs its encoder and decoders under ``torch.no_grad`` and turns the likelihoods into a map
+    with batch-wide normalisation, so it cannot be differentiated as it is. This scorer computes the same
+    likelihoods (encoder features, positional condition, normalising-flow decoder, ``get_logp``) with the graph
+    kept, resizes each layer's map to the image bilinearly as CFLOW does, and sums them. Whole images.
+    """
+
+    def _anomaly_map(self, normalised: torch.Tensor) -> torch.Tensor:
+        features = self.model.encoder(normalised)
+        maps = []
+        for layer, decoder in zip(self.model.pool_layers, self.model.decoders, strict=True):
+            activation = features[layer]
+            batch, channels, height, width = activation.shape
+            condition = positional_encoding_2d(self.model.condition_vector, height, width).to(activation)
+            condition = condition.permute(1, 2, 0).reshape(1, height * width, -1).expand(batch, -1, -1)
+            embedding = activation.permute(0, 2, 3, 1).reshape(-1, channels)
+            latent, log_jacobian = decoder(embedding, [condition.reshape(batch * height * width, -1)])
+            negative_log_likelihood = -get_logp(channels, latent, log_jacobian) / channels
+            layer_map = negative_log_likelihood.reshape(batch, 1, height, width)
+            maps.append(F.interpolate(layer_map, size=normalised.shape[-2:], mode="bilinear", align_corners=True))
+        return torch.stack(maps).sum(0)
 
 
 def scorer_class_for(model: nn.Module) -> type[DifferentiableScorer]:
-    """The registered scorer for a torch model, or a :class:`MissingScorerError` naming what is missing."""
+    """The registered scorer for a torch model, :class:`AnomalyMapScorer` for any other anomalib model.
+
+    Raises :class:`MissingScorerError` naming the model and the reason when it cannot be refined at all.
+    """
+    name = f"{type(model).__name__} ({type(model).__module__})"
+    if getattr(model, "tiler", None) is not None:
+        msg = f"F2PAD cannot refine a tiled {name}: its features would not match the whole image's."
+        raise MissingScorerError(msg)
     for cls in type(model).__mro__:
-        scorer = _SCORERS.get(f"{cls.__module__}.{cls.__qualname__}")
-        if scorer is not None:
-            return scorer
-    known = ", ".join(sorted(key.rsplit(".", 1)[-1] for key in _SCORERS))
-    msg = (
-        f"F2PAD has no differentiable scorer for {type(model).__name__} ({type(model).__module__}): it needs the "
-        f"model's feature-level anomaly score as a function of the input pixels. Scorers exist for: {known}. "
-        "Write a DifferentiableScorer subclass and call anomalib_mlff.post_processing.f2pad.register_scorer()."
-    )
-    raise MissingScorerError(msg)
+        if cls in _SCORERS:
+            return _SCORERS[cls]
+    if type(model).__module__.startswith("anomalib.models.video"):
+        msg = f"F2PAD cannot refine the video model {name}: it optimises one image, not a clip."
+        raise MissingScorerError(msg)
+    if not type(model).__module__.startswith("anomalib"):
+        known = ", ".join(sorted(cls.__name__ for cls in _SCORERS))
+        msg = (
+            f"F2PAD has no differentiable scorer for {name}: it refines anomalib's image models through their anomaly "
+            f"map, and these with specialised scorers: {known}. For another model write a DifferentiableScorer "
+            "subclass and decorate it with @register_scorer(YourModel)."
+        )
+        raise MissingScorerError(msg)
+    return AnomalyMapScorer
 
 
 def build_scorer(model: nn.Module, pixel_range: PixelRange, num_candidates: int) -> DifferentiableScorer:
-    """Instantiate the registered scorer for ``model``."""
+    """Instantiate the scorer for ``model``."""
     scorer_class = scorer_class_for(model)
     if issubclass(scorer_class, MemoryBankScorer):
         return scorer_class(model, pixel_range, num_candidates=num_candidates)
