@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from anomalib_mlff.components.coreset import greedy_coreset
     from anomalib_mlff.components.memory_bank import FaissMemoryBank
     from anomalib_mlff.models.faiss_patchcore import FaissPatchcore
-    from anomalib_mlff.post_processing.f2pad import F2PAD, Dice, IoU
+    from anomalib_mlff.post_processing.f2pad import F2PAD, Dice, F2PADSettings, IoU, register_scorer
 
 __version__ = "0.1.0"
 
@@ -31,6 +31,8 @@ _PUBLIC: dict[str, str] = {
     "F2PAD": "anomalib_mlff.post_processing.f2pad",
     "IoU": "anomalib_mlff.post_processing.f2pad",
     "Dice": "anomalib_mlff.post_processing.f2pad",
+    "F2PADSettings": "anomalib_mlff.post_processing.f2pad",
+    "register_scorer": "anomalib_mlff.post_processing.f2pad",
 }
 
 __all__ = [*_PUBLIC, "__version__"]

@@ -11,6 +11,7 @@ from anomalib.data import InferenceBatch, MVTecAD
 from anomalib.engine import Engine
 from anomalib.metrics import Evaluator
 from anomalib.models import Draem, Fastflow, ReverseDistillation
+from anomalib.data.utils.tiler import Tiler
 from anomalib.models.components import TimmFeatureExtractor
 from anomalib.models.image.cflow.torch_model import CflowModel
 from anomalib.models.image.fastflow.torch_model import FastflowModel
@@ -20,7 +21,13 @@ from torch import nn
 
 from anomalib_mlff import F2PAD, Dice, IoU
 from anomalib_mlff.data import EMBEDDED_ROOT
-from anomalib_mlff.post_processing.f2pad.scorers import AnomalyMapScorer, CflowScorer, MissingScorerError, build_scorer
+from anomalib_mlff.post_processing.f2pad.scorers import (
+    AnomalyMapScorer,
+    CflowScorer,
+    MissingScorerError,
+    build_scorer,
+    scorer_class_for,
+)
 from tests.f2pad_fixtures import IMAGENET, SIZE, assert_feature_gradient_matches_finite_differences, defect_image
 
 COLOURS = ((0.9, 0.2, 0.6), (0.1, 0.8, 0.9), (0.95, 0.9, 0.1), (0.2, 0.3, 0.95))
@@ -105,6 +112,34 @@ def test_a_map_without_gradient_is_refused_naming_the_model_and_the_reason() -> 
     DetachedMap.__module__ = "anomalib.models.image.example"
     with pytest.raises(MissingScorerError, match="cannot refine DetachedMap: no gradient reaches the pixels"):
         build_scorer(DetachedMap(), IMAGENET, num_candidates=5).check_differentiable((SIZE, SIZE))
+
+
+def test_models_f2pad_cannot_refine_are_refused_with_the_reason() -> None:
+    """Image scores only (DFKDE's kind), tiled (features of tiles, not of the image) and video models."""
+
+    class ImageScoresOnly(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 1, 3)
+
+        def forward(self, images: torch.Tensor) -> InferenceBatch:
+            return InferenceBatch(pred_score=self.conv(images).mean((1, 2, 3)))
+
+    ImageScoresOnly.__module__ = "anomalib.models.image.example"
+    with pytest.raises(MissingScorerError, match="cannot refine ImageScoresOnly: .*no anomaly map"):
+        build_scorer(ImageScoresOnly(), IMAGENET, num_candidates=5).check_differentiable((SIZE, SIZE))
+
+    tiled = tiny_fastflow()
+    tiled.tiler = Tiler(tile_size=32, stride=32)
+    with pytest.raises(MissingScorerError, match="cannot refine a tiled FastflowModel"):
+        scorer_class_for(tiled)
+
+    class ClipModel(ImageScoresOnly):
+        pass
+
+    ClipModel.__module__ = "anomalib.models.video.example.torch_model"
+    with pytest.raises(MissingScorerError, match="cannot refine the video model ClipModel"):
+        scorer_class_for(ClipModel())
 
 
 def cut_paste_dataset(root: Path, defects: int = 6) -> Path:
