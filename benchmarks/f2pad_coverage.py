@@ -29,7 +29,8 @@ from lightning.pytorch import seed_everything
 
 from anomalib_mlff import F2PAD
 from anomalib_mlff.data import EMBEDDED_ROOT
-from anomalib_mlff.post_processing.f2pad.scorers import scorer_class_for
+from anomalib_mlff.components.normalization import PixelRange
+from anomalib_mlff.post_processing.f2pad.scorers import MissingScorerError, build_scorer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_f2pad import build_paper, build_realistic, datamodule, evaluator, measure  # noqa: E402
@@ -77,12 +78,14 @@ def cover(name: str, category: str, roots: dict[str, Path], image_size: int, see
     try:
         engine.fit(model, datamodule=datamodule(roots["paper"], category))
         fit_seconds = time.perf_counter() - start
-        scorer = scorer_class_for(model.model).__name__
-        rows = measure("new", model, engine, name, category, roots)
-    except TypeError as error:  # F2PAD's MissingScorerError at setup
+        scorer = build_scorer(model.model, PixelRange.from_transform(model.pre_processor.transform), 10)
+        scorer.check_differentiable((image_size, image_size))  # what F2PAD's setup checks before testing
+    except MissingScorerError as error:
         return [f"| {name} | {category} | - | no: {_short(error)} | | | | | | |"]
+    rows = measure("new", model, engine, name, category, roots)
     return [
-        f"| {name} | {category} | {scorer} | yes | {row.protocol} | {row.iou_before:.1f} -> {row.iou_after:.1f} "
+        f"| {name} | {category} | {type(scorer).__name__} | yes | {row.protocol} "
+        f"| {row.iou_before:.1f} -> {row.iou_after:.1f} "
         f"| {row.dice_before:.1f} -> {row.dice_after:.1f} | {row.seconds_backbone:.2f} | {row.seconds_f2pad:.2f} "
         f"| {fit_seconds:.0f} |"
         for row in rows
