@@ -28,7 +28,7 @@ from anomalib_mlff.post_processing.f2pad.scorers import (
     build_scorer,
     scorer_class_for,
 )
-from tests.f2pad_fixtures import IMAGENET, SIZE, assert_feature_gradient_matches_finite_differences, defect_image
+from tests.f2pad_fixtures import IMAGENET, SIZE, assert_feature_gradient_matches_finite_differences
 
 COLOURS = ((0.9, 0.2, 0.6), (0.1, 0.8, 0.9), (0.95, 0.9, 0.1), (0.2, 0.3, 0.95))
 

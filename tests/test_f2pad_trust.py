@@ -10,7 +10,7 @@ from anomalib.data import ImageBatch
 from anomalib.models import Patchcore
 
 from anomalib_mlff import F2PAD
-from anomalib_mlff.post_processing.f2pad import ClassicalInpainter, PixelPrior, F2PADSettings, refine
+from anomalib_mlff.post_processing.f2pad import ClassicalInpainter, PixelPrior, refine
 from anomalib_mlff.post_processing.f2pad.calibration import (
     MASK_THRESHOLD_FACTORS,
     SEARCH,

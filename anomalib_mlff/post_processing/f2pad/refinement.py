@@ -34,7 +34,7 @@ from .optimizer import GradientSharing, OptimizerSettings, check_finite, minimis
 from .prior import PixelPrior
 from .scorers import DifferentiableScorer
 from .settings import F2PADSettings
-from .window import FeatureWindow, dilate, positions_touched
+from .window import dilate, positions_touched
 
 
 def denoise_magnitude(magnitude: torch.Tensor, region: torch.Tensor, size: int) -> torch.Tensor:
