@@ -82,6 +82,9 @@ def cover(name: str, category: str, roots: dict[str, Path], image_size: int, see
         scorer.check_differentiable((image_size, image_size))  # what F2PAD's setup checks before testing
     except MissingScorerError as error:
         return [f"| {name} | {category} | - | no: {_short(error)} | | | | | | |"]
+    except Exception as error:  # noqa: BLE001 - e.g. EfficientAd: batch size 1 and downloads at train start
+        return [f"| {name} | {category} | - | not measured: fit failed ({type(error).__name__}: {_short(error)}) "
+                "| | | | | | |"]
     rows = measure("new", model, engine, name, category, roots)
     return [
         f"| {name} | {category} | {type(scorer).__name__} | yes | {row.protocol} "
