@@ -12,6 +12,11 @@ cached image with ``F2PADSettings`` overrides (JSON) and stores |A|; ``table TAG
     python benchmarks/f2pad_sweep.py run defaults '{}'
     python benchmarks/f2pad_sweep.py run brick_padim '{}' --categories brick --models PaDiM --protocols realistic
     python benchmarks/f2pad_sweep.py table defaults
+    python benchmarks/f2pad_sweep.py bounds
+
+``bounds`` needs no run: per group, the best IoU any mask confined to R can reach (the ground truth inside R),
+the same for R grown from the backbone's map at 0.8 x the initial threshold (and R's share of the image), and how
+many defects reach the top 1% of the backbone's own map, i.e. whether the backbone finds the defect at all.
 """
 
 from __future__ import annotations
@@ -156,9 +161,36 @@ def table(tag: str) -> None:
         print(f"| {model} | {protocol} | " + " | ".join(cells) + " |")
 
 
+def bounds() -> None:
+    """What F2PAD can reach inside R, and whether the backbone's map points at the defect at all."""
+    print("| model | category | protocol | images | IoU before | best in R | best in R at 0.8 x threshold (R's area) "
+          "| defect in the map's top 1% |")
+    print("|---" * 8 + "|")
+    for category in CATEGORIES:
+        for name in NAMES:
+            model = bench.MODELS[name].load_from_checkpoint(OUT / f"{name}_{category}.ckpt", post_processor=F2PAD())
+            model.eval()
+            pixel_range = _pixel_range(model)
+            for protocol, items in torch.load(OUT / f"{name}_{category}.pt").items():
+                rows = []
+                for item in items:
+                    with torch.no_grad():
+                        raw = model.model(pixel_range.from_unit(item["image"][None])).anomaly_map
+                    raw = raw.reshape(item["gt"].shape)
+                    gt, initial = item["gt"], item["initial"]
+                    threshold = raw[initial].min() if initial.any() else torch.inf  # the initial mask's threshold
+                    region = dilate(initial[None], DILATION)[0]
+                    grown = dilate((raw >= 0.8 * threshold)[None], DILATION)[0]
+                    rows.append((iou(initial, gt), iou(gt & region, gt), iou(gt & grown, gt), grown.float().mean(),
+                                 bool(raw[gt].max() >= raw.quantile(0.99))))
+                before, inside, wider, area, found = (np.mean([float(row[i]) for row in rows]) for i in range(5))
+                print(f"| {name} | {category} | {protocol} | {len(rows)} | {100 * before:.1f} | {100 * inside:.1f} "
+                      f"| {100 * wider:.1f} ({100 * area:.0f}%) | {round(found * len(rows))} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["prepare", "run", "table"])
+    parser.add_argument("command", choices=["prepare", "run", "table", "bounds"])
     parser.add_argument("tag", nargs="?", default="default")
     parser.add_argument("overrides", nargs="?", default="{}",
                         help="F2PADSettings overrides as JSON")
@@ -177,6 +209,8 @@ def main() -> None:
                 prepare(category, name, args.images, args.seed)
     elif args.command == "run":
         run(args.tag, json.loads(args.overrides), args.categories, args.models, args.protocols)
+    elif args.command == "bounds":
+        bounds()
     else:
         table(args.tag)
 
