@@ -39,6 +39,7 @@ from .objective import NonFiniteError
 from .optimizer import check_finite
 from .prior import PixelPrior
 from .refinement import Refinement, refine
+from .sampling import TrainingSamples
 from .scorers import DifferentiableScorer, build_scorer, scorer_class_for
 from .settings import F2PADSettings, setting_names
 from .visualization import refinement_figure
@@ -73,13 +74,12 @@ class F2PAD(PostProcessor):
         super().__init__(**kwargs)
         self.settings = settings
         self.calibration: dict[str, Any] | None = None
-        self._calibration_samples: list[torch.Tensor] = []
         self.inpainter = build_inpainter(inpainter)
         self.visualization_dir = Path(visualization_dir) if visualization_dir is not None else None
         self.enabled = enabled
         self.pixel_prior = PixelPrior(n_components=settings.prior_components, reg_covar=settings.prior_reg_covar)
         self.model_input_size: tuple[int, int] | None = None
-        self._pixel_samples: list[torch.Tensor] = []
+        self._training_samples = TrainingSamples()
         self._warned: set[str] = set()  # warnings given (each once per post-processor)
         self._checked_models: set[int] = set()  # models whose scores were checked to be differentiable
 
@@ -155,19 +155,12 @@ class F2PAD(PostProcessor):
     ) -> None:
         """Record the model's input size and sample training pixels for the prior."""
         del trainer, outputs, batch_idx
-        images = batch.image
-        self.model_input_size = (int(images.shape[-2]), int(images.shape[-1]))
-        pixels = _pixel_range(pl_module).to_unit(images.detach()).clamp(0, 1)
-        wanted = self.settings.calibration_images - sum(len(sample) for sample in self._calibration_samples)
-        if self.calibration is None and wanted > 0:
-            self._calibration_samples.append(pixels[:wanted].cpu())
-        if self.pixel_prior.is_fitted or self._collected() >= self.settings.prior_samples:
-            return
-        per_image = max(1, self.settings.prior_samples // 50)
-        flat = pixels.permute(0, 2, 3, 1).reshape(images.shape[0], -1, images.shape[1])
-        picks = torch.randint(flat.shape[1], (images.shape[0], per_image), device=flat.device)
-        sample = torch.gather(flat, 1, picks[..., None].expand(-1, -1, flat.shape[-1])).reshape(-1, flat.shape[-1])
-        self._pixel_samples.append(sample[: self.settings.prior_samples - self._collected()].cpu())
+        self.model_input_size = (int(batch.image.shape[-2]), int(batch.image.shape[-1]))
+        self._training_samples.add(
+            _pixel_range(pl_module).to_unit(batch.image.detach()).clamp(0, 1),
+            pixel_budget=0 if self.pixel_prior.is_fitted else self.settings.prior_samples,
+            image_budget=0 if self.calibration is not None else self.settings.calibration_images,
+        )
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Fit the pixel prior on the sampled training pixels, then choose the weights (``calibration_images``)."""
@@ -178,10 +171,10 @@ class F2PAD(PostProcessor):
 
     def _calibrate(self, pl_module: LightningModule) -> None:
         """Choose the sparsity, prior and TV weights on synthetic defects of the collected training images."""
-        if not self._calibration_samples:
+        images = self._training_samples.take_images()
+        if images is None:
             return
-        images = torch.cat(self._calibration_samples).to(pl_module.device)
-        self._calibration_samples.clear()
+        images = images.to(pl_module.device)
         pixel_range = _pixel_range(pl_module)
         scorer = self._scorer(pl_module, tuple(images.shape[-2:]))
         was_training = pl_module.model.training
@@ -208,13 +201,10 @@ class F2PAD(PostProcessor):
             pixels = pixels[torch.randperm(pixels.shape[0])[: self.settings.prior_samples]]
         self.pixel_prior.fit(pixels)
 
-    def _collected(self) -> int:
-        return sum(sample.shape[0] for sample in self._pixel_samples)
-
     def _fit_prior_from_samples(self) -> None:
-        if self._pixel_samples:
-            self.pixel_prior.fit(torch.cat(self._pixel_samples))
-            self._pixel_samples.clear()
+        pixels = self._training_samples.take_pixels()
+        if pixels is not None:
+            self.pixel_prior.fit(pixels)
 
     # ---------------------------------------------------------------- inference: refinement
     def on_test_batch_end(
