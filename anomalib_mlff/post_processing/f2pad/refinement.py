@@ -14,7 +14,8 @@
    the initial mask covers).
 5. Minimise J over R with the optimiser from each start and keep the estimate with the lowest J; the mask is
    where the channel norm of A = X - X_N, median-filtered over ``median_size`` windows (:func:`denoise_magnitude`),
-   exceeds ``mask_threshold``.
+   exceeds ``mask_threshold``; the mask then grows into connected pixels of a colour the pixel prior rejects
+   (``colour_growth``, :mod:`growth`).
 6. Re-estimation: minimise J again without the sparsity term, over the final mask only, to recover X_N.
 Images of another size than ``working_size`` are resized to it and the results resized back.
 """
@@ -28,6 +29,7 @@ import torch
 from kornia.filters import median_blur
 from torch.nn import functional as F  # noqa: N812
 
+from .growth import grow_into_colour_outliers
 from .inpaint import Inpainter
 from .objective import NonFiniteError, Objective, calibrate_feature_scale, channel_norm
 from .optimizer import GradientSharing, OptimizerSettings, check_finite, minimise
@@ -74,7 +76,7 @@ class Refinement:
 
     Attributes:
         pred_mask: refined masks ``(B, H, W)``.
-        magnitude: channel norm of the anomalous part |A| ``(B, H, W)`` (zero outside R).
+        magnitude: channel norm of the anomalous part |A| ``(B, H, W)`` (zero outside R and the grown mask).
         normal_image: recovered normal images ``(B, C, H, W)`` in [0, 1].
         initial_normal_image: the start X_N^0 whose solve reached the lowest J, ``(B, C, H, W)``.
         iterations: optimiser iterations per image (all solves), ``(B,)``.
@@ -208,6 +210,11 @@ def _refine_at_model_size(
     start = torch.stack(starts)[chosen, torch.arange(len(chosen), device=chosen.device)]
     magnitude = denoise_magnitude(channel_norm(observed_crop - normal), region_crop, settings.median_size)
     mask = magnitude > settings.mask_threshold
+    if settings.colour_growth is not None and objective.prior is not None and mask.any():
+        mask, magnitude = grow_into_colour_outliers(
+            mask, magnitude, observed_crop, objective.prior, settings.colour_growth, settings.mask_threshold,
+            settings.median_size,
+        )
     if settings.reestimate and mask.any():
         recovery = replace(objective, region=mask, sparsity_weight=torch.zeros_like(objective.sparsity_weight))
         recovery_settings = replace(optimizer, max_iterations=settings.reestimation_iterations)

@@ -55,6 +55,11 @@ class F2PADSettings:
     """Window of the median filter on |A| before the threshold (odd; 1: none), so that a pixel is anomalous where
     most of its window is. 5: on the seed-1 sweep it removed the speckle inside defects whose pixels partly share
     the normal colour and raised the mean IoU gain on both protocols and both models (benchmarks/README.md)."""
+    colour_growth: float | None = 9.0
+    """The refined mask grows into every connected region of pixels touching it whose prior cost (squared
+    Mahalanobis distance to the nearest colour component, median-filtered over ``median_size``) exceeds this
+    (``growth.py``); ``None``: no growth. 9: the colour a tint of 0.1 gives grey, at the prior's floor variance
+    ``prior_reg_covar``; chosen on the seed-1 sweep (benchmarks/README.md)."""
     initial_threshold: float | None = None
     """Raw anomaly-map threshold of the initial mask; ``None``: the post-processor's F1-optimal pixel threshold."""
     lr: float = 0.01
@@ -105,6 +110,8 @@ class F2PADSettings:
             object.__setattr__(self, "starts", tuple(self.starts))
         check_starts(self.starts)
         check_median_size(self.median_size)
+        if self.colour_growth is not None and not self.colour_growth > 0:
+            raise ValueError(f"F2PAD: colour_growth must be a positive prior cost or None; got {self.colour_growth!r}.")
 
     def optimizer(self, default_tolerance: float) -> OptimizerSettings:
         """The optimiser's settings; ``default_tolerance`` (the scorer's) where ``tolerance`` is ``None``."""
