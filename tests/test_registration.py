@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT, VENV_BIN
+from tests.conftest import REPO_ROOT, VENV_BIN, fresh_interpreter_env
 
 CHECK_NOTHING_HEAVY = (
     "import sys; heavy = sorted(m for m in sys.modules if m.split('.')[0] in {'anomalib', 'torch', 'timm'});"
@@ -107,29 +107,50 @@ def test_unknown_model_still_fails_cleanly(run_python) -> None:  # noqa: ANN001
     assert "UnknownModelError" in result.stderr
 
 
-@pytest.mark.parametrize(
-    "first_import",
-    [
-        "anomalib_mlff.models.mlff.torch_model",
-        "anomalib_mlff.components.backbone",
-        "anomalib_mlff.components.texture",
-        "anomalib_mlff.post_processing",
-        "anomalib_mlff.post_processing.f2pad.scorers",
-        "anomalib_mlff.components",
-        "anomalib_mlff.pipelines",
-        "anomalib.engine",
-    ],
-)
-def test_registration_whatever_is_imported_first(run_python, first_import: str) -> None:  # noqa: ANN001
+FIRST_IMPORTS = [
+    "anomalib_mlff.models.mlff.torch_model",
+    "anomalib_mlff.components.backbone",
+    "anomalib_mlff.components.texture",
+    "anomalib_mlff.post_processing",
+    "anomalib_mlff.post_processing.f2pad.scorers",
+    "anomalib_mlff.components",
+    "anomalib_mlff.pipelines",
+    "anomalib.engine",
+]
+
+
+@pytest.fixture(scope="module")
+def first_import_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, subprocess.Popen]:
+    """One fresh interpreter per first import, all started at once: each spends seconds importing anomalib, so
+    side by side they take the cores' time instead of the sum of theirs."""
+    cwd = tmp_path_factory.mktemp("first_import")
+    return {
+        module: subprocess.Popen(  # noqa: S603 - our own interpreter and code
+            [
+                sys.executable,
+                "-c",
+                "import warnings; warnings.simplefilter('error', RuntimeWarning);"
+                f"import {module};"
+                "import anomalib.models as zoo; print(hasattr(zoo, 'MLFF'), type(zoo.get_model('mlff',"
+                " pre_trained=False, backbone='resnet18')).__name__)",
+            ],
+            cwd=cwd,
+            env=fresh_interpreter_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for module in FIRST_IMPORTS
+    }
+
+
+@pytest.mark.parametrize("first_import", FIRST_IMPORTS)
+def test_registration_whatever_is_imported_first(first_import_runs, first_import: str) -> None:  # noqa: ANN001
     """A module of ours that itself triggers anomalib's import must not half-register the models."""
-    result = run_python(
-        "import warnings; warnings.simplefilter('error', RuntimeWarning);"
-        f"import {first_import};"
-        "import anomalib.models as zoo; print(hasattr(zoo, 'MLFF'), type(zoo.get_model('mlff', pre_trained=False,"
-        " backbone='resnet18')).__name__)",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split()[-2:] == ["True", "MLFF"]
+    process = first_import_runs[first_import]
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    assert stdout.split()[-2:] == ["True", "MLFF"]
 
 
 @pytest.mark.parametrize("name", ["faiss_patchcore", "FaissPatchcore"])
