@@ -44,14 +44,20 @@ def test_growth_fills_a_tint_beyond_a_partial_mask_and_the_map_agrees() -> None:
     assert torch.equal(grown_magnitude[mask], magnitude[mask])  # |A| kept where the mask was
 
 
-def test_refine_recovers_the_part_of_a_defect_the_initial_mask_missed() -> None:
-    """PaDiM at 64 px; a magenta square whose initial mask covers its left quarter: growth reaches the rest."""
+def partly_masked_magenta() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A normal test image with a magenta rectangle, its mask, and an initial mask on its left quarter only."""
     normal = load_images("test/good", 1, SIZE)[0]
     truth = torch.zeros(SIZE, SIZE, dtype=torch.bool)
     truth[20:44, 16:44] = True
     image = torch.where(truth, torch.tensor([0.9, 0.2, 0.6]).view(3, 1, 1), normal)
     start = torch.zeros_like(truth)
     start[20:44, 16:23] = True
+    return image, truth, start
+
+
+def test_refine_recovers_the_part_of_a_defect_the_initial_mask_missed() -> None:
+    """PaDiM at 64 px; a magenta square whose initial mask covers its left quarter: growth reaches the rest."""
+    image, truth, start = partly_masked_magenta()
     scorer = build_scorer(padim(), IMAGENET, num_candidates=5)
     colour_prior = prior()
     without = refine(image[None], start[None], scorer, ClassicalInpainter(), colour_prior,
@@ -63,12 +69,7 @@ def test_refine_recovers_the_part_of_a_defect_the_initial_mask_missed() -> None:
 
 
 def test_growth_needs_a_fitted_prior_and_is_off_without_one() -> None:
-    normal = load_images("test/good", 1, SIZE)[0]
-    truth = torch.zeros(SIZE, SIZE, dtype=torch.bool)
-    truth[20:44, 16:44] = True
-    image = torch.where(truth, torch.tensor([0.9, 0.2, 0.6]).view(3, 1, 1), normal)
-    start = torch.zeros_like(truth)
-    start[20:44, 16:23] = True
+    image, _, start = partly_masked_magenta()
     scorer = build_scorer(padim(), IMAGENET, num_candidates=5)
     settings = replace(SMALL, max_iterations=5)
     result = refine(image[None], start[None], scorer, ClassicalInpainter(), None, settings)
