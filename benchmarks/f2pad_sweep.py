@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_f2pad as bench  # noqa: E402
 
 from anomalib_mlff import F2PAD  # noqa: E402
-from anomalib_mlff.post_processing.f2pad.post_processor import _pixel_range  # noqa: E402
+from anomalib_mlff.components.normalization import PixelRange  # noqa: E402
 from anomalib_mlff.post_processing.f2pad import F2PADSettings, refine  # noqa: E402
 from anomalib_mlff.post_processing.f2pad.scorers import build_scorer  # noqa: E402
 from anomalib_mlff.post_processing.f2pad.window import dilate  # noqa: E402
@@ -67,7 +67,7 @@ def prepare(category: str, name: str, images: int, seed: int) -> None:
     engine = bench.engine_for(OUT / "runs" / name / category)
     engine.fit(model, datamodule=bench.datamodule(roots["paper"], category))
     engine.trainer.save_checkpoint(OUT / f"{name}_{category}.ckpt")
-    pixel_range, data = _pixel_range(model), {}
+    pixel_range, data = PixelRange.of_model(model), {}
     for protocol, root in roots.items():
         module = bench.datamodule(root, category)
         engine.validate(model, datamodule=module, verbose=False)  # this protocol's F1-optimal threshold
@@ -90,7 +90,7 @@ def run(tag: str, overrides: dict, categories: list[str], models: list[str], pro
             model.eval()
             post = model.post_processor
             settings = replace(F2PADSettings(), **overrides)  # this code's defaults, not the checkpoint's
-            scorer = build_scorer(model.model, _pixel_range(model), settings.num_candidates)
+            scorer = build_scorer(model.model, PixelRange.of_model(model), settings.num_candidates)
             for protocol, items in torch.load(OUT / f"{name}_{category}.pt").items():
                 if protocol not in protocols:
                     continue
@@ -170,7 +170,7 @@ def bounds() -> None:
         for name in NAMES:
             model = bench.MODELS[name].load_from_checkpoint(OUT / f"{name}_{category}.ckpt", post_processor=F2PAD())
             model.eval()
-            pixel_range = _pixel_range(model)
+            pixel_range = PixelRange.of_model(model)
             for protocol, items in torch.load(OUT / f"{name}_{category}.pt").items():
                 rows = []
                 for item in items:

@@ -29,12 +29,10 @@ import torch
 from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.post_processing import PostProcessor
-from anomalib.pre_processing import PreProcessor
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
 from anomalib_mlff.components.data_checks import check_before_fit
-from anomalib_mlff.components.normalization import PixelRange
 
 __all__ = ["PseudoAnomalyMixin"]
 
@@ -104,11 +102,6 @@ class PseudoAnomalyMixin:
     def on_fit_start(self) -> None:
         """Fail early, naming the dataset, when there is nothing to train on."""
         self.count_training_images()
-
-    def _pixel_range(self) -> PixelRange:
-        """How images in the batch map to [0, 1] (the pre-processor's normalisation, if any)."""
-        transform = self.pre_processor.transform if isinstance(self.pre_processor, PreProcessor) else None
-        return PixelRange.from_transform(transform)
 
     # ------------------------------------------------------------------ evaluation
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:

@@ -34,6 +34,12 @@ class PixelRange:
             return cls()
         return cls(mean=tuple(float(m) for m in found.mean), std=tuple(float(s) for s in found.std))
 
+    @classmethod
+    def of_model(cls, module: object) -> PixelRange:
+        """How an anomalib module's pre-processor normalises pixels (identity without one)."""
+        pre_processor = getattr(module, "pre_processor", None)
+        return cls.from_transform(getattr(pre_processor, "transform", None))
+
     def _stats(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (1, -1, 1, 1) if images.ndim == 4 else (-1, 1, 1)
         mean = torch.tensor(self.mean, dtype=images.dtype, device=images.device).view(shape)

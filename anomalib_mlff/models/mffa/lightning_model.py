@@ -36,6 +36,7 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
+from anomalib_mlff.components.normalization import PixelRange
 from anomalib_mlff.components.data_checks import describe_datamodule
 from anomalib_mlff.components.lightning import PseudoAnomalyMixin
 
@@ -165,7 +166,7 @@ class MFFA(PseudoAnomalyMixin, AnomalibModule):
                 batch_size=len(batch.image),
             )
             return None
-        pixel_range = self._pixel_range()
+        pixel_range = PixelRange.of_model(self)
         images, labels = pseudo_sample_batch(pixel_range.to_unit(batch.image).clamp(0, 1), self._pseudo_generator)
         logits = self.model(pixel_range.from_unit(images))
         losses = self.loss(logits, labels)

@@ -27,6 +27,7 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
+from anomalib_mlff.components.normalization import PixelRange
 from anomalib_mlff.components.lightning import PseudoAnomalyMixin
 from anomalib_mlff.components.pseudo_anomaly import PseudoAnomalyGenerator
 
@@ -135,7 +136,7 @@ class MLFF(PseudoAnomalyMixin, AnomalibModule):
         """Optimise ``repeat`` times on the batch, each time with fresh pseudo anomalies."""
         del args, kwargs
         optimizer = self.optimizers()
-        pixel_range = self._pixel_range()
+        pixel_range = PixelRange.of_model(self)
         clean = pixel_range.to_unit(batch.image)
         totals: dict[str, torch.Tensor] = {}
         for _ in range(self.repeat):

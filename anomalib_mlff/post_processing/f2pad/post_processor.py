@@ -139,7 +139,7 @@ class F2PAD(PostProcessor):
 
     def _scorer(self, pl_module: LightningModule, image_size: tuple[int, int]) -> DifferentiableScorer:
         """The model's scorer; the first time per model, checked to be differentiable on ``image_size`` images."""
-        scorer = build_scorer(pl_module.model, _pixel_range(pl_module), self.settings.num_candidates)
+        scorer = build_scorer(pl_module.model, PixelRange.of_model(pl_module), self.settings.num_candidates)
         if id(pl_module.model) not in self._checked_models:
             scorer.check_differentiable(tuple(image_size))
             self._checked_models.add(id(pl_module.model))
@@ -157,7 +157,7 @@ class F2PAD(PostProcessor):
         del trainer, outputs, batch_idx
         self.model_input_size = (int(batch.image.shape[-2]), int(batch.image.shape[-1]))
         self._training_samples.add(
-            _pixel_range(pl_module).to_unit(batch.image.detach()).clamp(0, 1),
+            PixelRange.of_model(pl_module).to_unit(batch.image.detach()).clamp(0, 1),
             pixel_budget=0 if self.pixel_prior.is_fitted else self.settings.prior_samples,
             image_budget=0 if self.calibration is not None else self.settings.calibration_images,
         )
@@ -175,7 +175,7 @@ class F2PAD(PostProcessor):
         if images is None:
             return
         images = images.to(pl_module.device)
-        pixel_range = _pixel_range(pl_module)
+        pixel_range = PixelRange.of_model(pl_module)
         scorer = self._scorer(pl_module, tuple(images.shape[-2:]))
         was_training = pl_module.model.training
         pl_module.model.eval()
@@ -234,7 +234,7 @@ class F2PAD(PostProcessor):
         self._fit_prior_from_samples()
         if not self.pixel_prior.is_fitted and self.settings.prior_weight:
             self._warn_once("F2PAD: no training pixels seen, so the pixel prior is left out (see fit_pixel_prior).")
-        pixel_range = _pixel_range(pl_module)
+        pixel_range = PixelRange.of_model(pl_module)
         scorer = self._scorer(pl_module, self.model_input_size or tuple(batch.image.shape[-2:]))
         with torch.inference_mode(False), torch.enable_grad():
             images = pixel_range.to_unit(batch.image.clone()).clamp(0, 1)
@@ -336,12 +336,6 @@ def _names(batch: Batch, items: list[int]) -> str:
     """The images at batch positions ``items``, by path where the batch has them."""
     paths = batch.image_path
     return ", ".join(str(paths[item]) if paths else f"batch image {item}" for item in items)
-
-
-def _pixel_range(pl_module: LightningModule) -> PixelRange:
-    """How the model's pre-processor normalises pixels (identity without one)."""
-    pre_processor = getattr(pl_module, "pre_processor", None)
-    return PixelRange.from_transform(getattr(pre_processor, "transform", None))
 
 
 _SETTING_NAMES = frozenset(setting_names())
