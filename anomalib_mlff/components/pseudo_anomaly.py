@@ -12,6 +12,9 @@ All functions take float images in ``[0, 1]``, shaped ``(C, H, W)`` or ``(B, C, 
 optional ``torch.Generator`` (CPU) for reproducible draws. They return ``(images, masks)`` where
 ``masks`` is ``(1, H, W)`` / ``(B, 1, H, W)``, float, and exactly 1 where a pixel changed.
 Pixels a method does not touch keep their exact input value.
+
+Defects for test sets with exact masks (the embedded data's, the evaluation protocols') are the
+numpy side of the same family, in :mod:`anomalib_mlff.components.defects`.
 """
 
 from __future__ import annotations
