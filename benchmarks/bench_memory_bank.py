@@ -41,6 +41,7 @@ from lightning.pytorch import seed_everything
 from anomalib_mlff import FaissMemoryBank, FaissPatchcore, greedy_coreset
 from anomalib_mlff.components.memory_bank import faiss_gpu_available
 from anomalib_mlff.data import EMBEDDED_ROOT, embedded_datamodule
+from anomalib_mlff.evaluation.cost import coverage_radius
 
 LAYERS = ("layer2", "layer3")
 SEARCH_SETTINGS: tuple[tuple[str, dict[str, Any]], ...] = (
@@ -64,13 +65,6 @@ def patchcore_embeddings(backbone: str, folder: str, size: int, every: int = 1, 
             images = torch.stack([read_image(path, as_tensor=True) for path in paths[start : start + 10]])
             batches.append(model(pre_processor.transform(images).to(device)))
     return torch.cat(batches)
-
-
-def coverage_radius(embeddings: torch.Tensor, indices: torch.Tensor, block: int = 4096) -> float:
-    """Largest distance from an embedding to its nearest coreset member (original space)."""
-    centres = embeddings[indices]
-    nearest = [torch.cdist(embeddings[i : i + block], centres).amin(dim=1) for i in range(0, len(embeddings), block)]
-    return float(torch.cat(nearest).max())
 
 
 def timed(function: Callable[[], Any], repeats: int = 1) -> tuple[float, Any]:

@@ -37,10 +37,10 @@ from anomalib.engine import Engine
 from anomalib.models import Padim, Patchcore
 from anomalib.models.components import AnomalibModule
 from lightning.pytorch import seed_everything
-from torch.utils.flop_counter import FlopCounterMode
 
 from anomalib_mlff.data import EMBEDDED_ROOT
 from anomalib_mlff.demo import demo_evaluator
+from anomalib_mlff.evaluation.cost import model_gflop_per_image, model_ms_per_image, preprocessed_test_batches
 from anomalib_mlff.models.faiss_patchcore import FaissPatchcore
 from anomalib_mlff.models.mffa import MFFA
 from anomalib_mlff.models.mlff import MLFF
@@ -88,44 +88,6 @@ def backbone_checksum(model: AnomalibModule) -> float:
         if "feature_extractor" in name and name.endswith("conv1.weight"):
             return float(parameter.detach().double().sum())
     return float("nan")
-
-
-def preprocessed_test_batches(model: AnomalibModule, datamodule: MVTecAD) -> list[torch.Tensor]:
-    """The test images as the torch model sees them (after the model's pre-processor)."""
-    transform = model.pre_processor.transform
-    return [transform(batch.image) for batch in datamodule.test_dataloader()]
-
-
-def model_ms_per_image(model: AnomalibModule, batches: list[torch.Tensor], repeats: int = 3) -> float:
-    """Forward time of the torch model alone on the pre-processed test ``batches`` (best of ``repeats``)."""
-    count = sum(len(batch) for batch in batches)
-    network = model.model.eval()
-    best = float("inf")
-    with torch.no_grad():
-        network(batches[0])  # warm-up
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for batch in batches:
-                network(batch)
-            best = min(best, time.perf_counter() - start)
-    return 1000 * best / count
-
-
-def model_gflop_per_image(model: AnomalibModule, image: torch.Tensor) -> float:
-    """GFLOP of the torch model's forward on one pre-processed ``(1, C, H, W)`` image (``FlopCounterMode``).
-
-    Counts convolutions and matrix products; FAISS searches (FaissPatchcore, MFFA's NNS branch) run
-    outside torch and are not counted.
-    """
-    return gflop(lambda: model.model.eval()(image))
-
-
-def gflop(step: Callable[[], object]) -> float:
-    """GFLOP of one call without autograd (torch's ``FlopCounterMode``: convolutions and matrix products)."""
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        step()
-    return counter.get_total_flops() / 1e9
 
 
 def run(

@@ -2,10 +2,11 @@
 
 Every model is anomalib's own, built offline (``pre_trained=False`` where it has the argument) at
 ``--image-size`` with F2PAD as its post-processor at F2PAD's defaults, fitted on the embedded category's 60
-normal images, then measured as in bench_f2pad.py: each protocol's F1-optimal pixel threshold, the test set
-with F2PAD off (the backbone's mask) and on. A model that cannot be built offline or that F2PAD refuses at
-setup is listed with the reason it gave. Which scorer F2PAD used is printed beside each model: a registered
-one (PatchCore, PaDiM, CFLOW) or the generic one, the model's own forward differentiated
+normal images, then measured as in bench_f2pad.py (:mod:`anomalib_mlff.evaluation.measure`): each protocol's
+F1-optimal pixel threshold, the test set with F2PAD off (the backbone's mask) and on. A model that cannot be
+built offline or that F2PAD refuses at setup is listed with the reason it gave. Which scorer F2PAD used is
+printed beside each model: a registered one (PatchCore, PaDiM, CFLOW) or the generic one, the model's own
+forward differentiated
 (``AnomalyMapScorer``).
 
     python benchmarks/f2pad_coverage.py                      # every model, both categories, 128 px
@@ -16,7 +17,6 @@ one (PatchCore, PaDiM, CFLOW) or the generic one, the model's own forward differ
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,10 +30,9 @@ from lightning.pytorch import seed_everything
 from anomalib_mlff import F2PAD
 from anomalib_mlff.data import EMBEDDED_ROOT
 from anomalib_mlff.components.normalization import PixelRange
+from anomalib_mlff.evaluation.measure import evaluator, measure
+from anomalib_mlff.evaluation.protocols import build_paper, build_realistic, protocol_datamodule
 from anomalib_mlff.post_processing.f2pad.scorers import MissingScorerError, build_scorer
-
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_f2pad import build_paper, build_realistic, datamodule, evaluator, measure  # noqa: E402
 
 RESNET = {"backbone": "resnet18", "pre_trained": False}
 #: model class name in anomalib.models -> (constructor arguments, training epochs); a category's own images
@@ -76,7 +75,7 @@ def cover(name: str, category: str, roots: dict[str, Path], image_size: int, see
     engine = Engine(default_root_dir=out / name / category, logger=False, enable_progress_bar=False,
                     max_epochs=MODELS[name][1], num_sanity_val_steps=0)
     try:
-        engine.fit(model, datamodule=datamodule(roots["paper"], category))
+        engine.fit(model, datamodule=protocol_datamodule(roots["paper"], category))
         fit_seconds = time.perf_counter() - start
         scorer = build_scorer(model.model, PixelRange.from_transform(model.pre_processor.transform), 10)
         scorer.check_differentiable((image_size, image_size))  # what F2PAD's setup checks before testing
@@ -85,7 +84,7 @@ def cover(name: str, category: str, roots: dict[str, Path], image_size: int, see
     except Exception as error:  # noqa: BLE001 - e.g. EfficientAd: batch size 1 and downloads at train start
         return [f"| {name} | {category} | - | not measured: fit failed ({type(error).__name__}: {_short(error)}) "
                 "| | | | | | |"]
-    rows = measure("new", model, engine, name, category, roots)
+    rows = measure(model, engine, name, category, roots)
     return [
         f"| {name} | {category} | {type(scorer).__name__} | yes | {row.protocol} "
         f"| {row.iou_before:.1f} -> {row.iou_after:.1f} "

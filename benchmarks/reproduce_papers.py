@@ -8,7 +8,7 @@ message where it cannot), then
 
 1. runs MLFF, MFFA, PatchCore and PaDiM on every category through anomalib's benchmark pipeline
    (``configs/benchmark/mvtec_gpu.yaml`` via :mod:`anomalib_mlff.pipelines.benchmark`);
-2. runs F2PAD's cut-paste protocol on PatchCore and PaDiM (``bench_f2pad.py``; resnet18 as in F2PAD's paper)
+2. runs F2PAD's cut-paste protocol on PatchCore and PaDiM (as ``bench_f2pad.py``; resnet18 as in F2PAD's paper)
    on F2PAD's six categories;
 3. writes ``<output>/papers.md`` (paper | measured for every number of ``paper_results.yaml``) and
    ``<output>/papers.png`` (bar chart of the means).
@@ -28,6 +28,8 @@ import pandas as pd
 import yaml
 
 from anomalib_mlff.data import EMBEDDED_CATEGORIES, EMBEDDED_ROOT
+from anomalib_mlff.evaluation.measure import fit_and_measure
+from anomalib_mlff.evaluation.protocols import build_paper
 from anomalib_mlff.figures import bar_chart
 from anomalib_mlff.pipelines.benchmark import run_benchmark
 
@@ -80,15 +82,14 @@ def benchmark_config(base: Path, root: Path, categories: Sequence[str]) -> dict:
 
 def f2pad_rows(root: Path, categories: Sequence[str], images: int, pre_trained: bool, dry_run: bool,
                work: Path) -> list[dict]:
-    """F2PAD's cut-paste protocol (``bench_f2pad``) on PatchCore and PaDiM: one row per model and category."""
-    from bench_f2pad import build_paper, run  # noqa: PLC0415 - sibling script
-
+    """F2PAD's cut-paste protocol on PatchCore and PaDiM: one row per model and category."""
     rows = []
     settings = DRY_RUN_F2PAD if dry_run else None
     for category in categories:
         build_paper(work / "cutpaste", category, images, seed=0, source_root=root)
         for name, model in (("PatchCore", "Patchcore"), ("PaDiM", "Padim")):
-            row = run(name, category, work / "cutpaste", 0, work / "f2pad", pre_trained, settings)
+            [row], _ = fit_and_measure(name, category, {"paper": work / "cutpaste"}, 0, work / "f2pad", settings,
+                                       {"pre_trained": pre_trained})
             rows += [
                 {"model": model, "category": category, "metric": "IoU", "value": row.iou_before},
                 {"model": f"F2PAD {model}", "category": category, "metric": "IoU", "value": row.iou_after},

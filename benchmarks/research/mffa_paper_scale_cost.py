@@ -9,7 +9,7 @@ depend on the weights) and measures, on one image, torch's ``FlopCounterMode`` G
 
 Nothing is trained; the fitted branches (memory-bank search, Mahalanobis distances) are not included.
 
-    python benchmarks/mffa_paper_scale_cost.py
+    python benchmarks/research/mffa_paper_scale_cost.py
 """
 
 from __future__ import annotations
@@ -18,18 +18,20 @@ import argparse
 import inspect
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
-from compare_models import CONFIGS, config_init_args, gflop
+import yaml
 
+from anomalib_mlff.evaluation.cost import gflop
 from anomalib_mlff.models.mffa.torch_model import MFFAModel
 
-PAPER_CONFIG = CONFIGS / "mffa.yaml"
+PAPER_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "mffa.yaml"
 
 
 def paper_settings() -> dict:
     """MFFAModel arguments from ``configs/mffa.yaml`` (Lightning-only ones dropped), random weights."""
-    settings = config_init_args(PAPER_CONFIG)
+    settings = yaml.safe_load(PAPER_CONFIG.read_text())["model"]["init_args"]
     model_arguments = inspect.signature(MFFAModel).parameters
     return {**{k: v for k, v in settings.items() if k in model_arguments}, "pre_trained": False}
 
