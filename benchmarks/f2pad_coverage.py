@@ -6,8 +6,7 @@ normal images, then measured as in bench_f2pad.py (:mod:`anomalib_mlff.evaluatio
 F1-optimal pixel threshold, the test set with F2PAD off (the backbone's mask) and on. A model that cannot be
 built offline or that F2PAD refuses at setup is listed with the reason it gave. Which scorer F2PAD used is
 printed beside each model: a registered one (PatchCore, PaDiM, CFLOW) or the generic one, the model's own
-forward differentiated
-(``AnomalyMapScorer``).
+forward differentiated (``AnomalyMapScorer``).
 
     python benchmarks/f2pad_coverage.py                      # every model, both categories, 128 px
     python benchmarks/f2pad_coverage.py --models Fastflow Dfm --categories brick --paper-images 1 \\
