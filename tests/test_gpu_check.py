@@ -20,6 +20,7 @@ SCRIPT = REPO_ROOT / "benchmarks" / "gpu_check.py"
 def gpu_check() -> ModuleType:
     spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
