@@ -97,3 +97,20 @@ def test_protocols_are_deterministic_with_exact_masks(tmp_path: Path) -> None:
 def test_build_paper_names_a_source_without_images(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="source_root"):
         build_paper(tmp_path / "out", "brick", 1, 0, source_root=tmp_path / "empty")
+
+
+def test_paper_protocol_holds_its_normal_images_out_of_training(tmp_path: Path) -> None:
+    """The F2PAD paper's split: the test set's normal images are training images the model never sees."""
+    build_paper(tmp_path, "brick", 5, 0, hold_out=True)
+    source = sorted(p.name for p in (EMBEDDED_ROOT / "brick" / "train" / "good").glob("*.png"))
+    kept = sorted(p.name for p in (tmp_path / "brick" / "train" / "good").glob("*.png"))
+    assert len(kept) == len(source) - 5 and set(kept) < set(source)
+    assert count_defective(tmp_path, "brick") == 5
+    for name in sorted(set(source) - set(kept)):  # each held-out image is the base of one cut-paste image
+        held = np.asarray(Image.open(EMBEDDED_ROOT / "brick" / "train" / "good" / name).convert("RGB"))
+        bases = [np.asarray(Image.open(p)) for p in sorted((tmp_path / "brick" / "test" / "cutpaste").glob("*.png"))]
+        masks = [np.asarray(Image.open(p)) > 0
+                 for p in sorted((tmp_path / "brick" / "ground_truth" / "cutpaste").glob("*.png"))]
+        assert any((base[~mask] == held[~mask]).all() for base, mask in zip(bases, masks, strict=True)), name
+    with pytest.raises(ValueError, match="images=60"):
+        build_paper(tmp_path / "all", "brick", 60, 0, hold_out=True)

@@ -33,20 +33,43 @@ def save_defect(category_root: Path, kind: str, name: str, image: np.ndarray, ma
     Image.fromarray(mask.astype(np.uint8) * 255).save(category_root / "ground_truth" / kind / f"{name}_mask.png")
 
 
-def build_paper(root: Path, category: str, images: int, seed: int, source_root: Path = EMBEDDED_ROOT) -> None:
-    """The paper's cut-paste test set from ``source_root``'s normal test images and defect masks.
+def build_paper(
+    root: Path,
+    category: str,
+    images: int,
+    seed: int,
+    source_root: Path = EMBEDDED_ROOT,
+    hold_out: bool = False,
+) -> None:
+    """The paper's cut-paste test set from ``source_root``'s normal images and defect masks.
 
-    ``images`` defective images cycle through the normal test images; each takes the shape of a mask
-    drawn at random from the category's ground truth.
+    Each of the ``images`` defective images takes the shape of a mask drawn at random from the category's
+    ground truth. By default the normal images are the source's normal test images (cycled) and the whole
+    training set is copied. ``hold_out=True`` is the F2PAD paper's split (54 test images per category,
+    165-337 training images: MVTec AD's training sets less 54): ``images`` training images drawn at random
+    become the test set's normal images and are left out of the copied training set.
     """
     source, target = source_root / category, root / category
-    normals = sorted((source / "test" / "good").glob("*.png"))
+    train = sorted((source / "train" / "good").glob("*.png"))
     masks = sorted((source / "ground_truth").glob("*/*.png"))
+    rng = np.random.default_rng(seed)
+    if hold_out:
+        if not 0 < images < len(train):
+            msg = f"images={images} must be between 1 and {len(train) - 1} to hold out of {source / 'train' / 'good'}."
+            raise ValueError(msg)
+        held = {int(i) for i in rng.choice(len(train), images, replace=False)}
+        normals = [train[i] for i in sorted(held)]
+        (target / "train" / "good").mkdir(parents=True)
+        for index, path in enumerate(train):
+            if index not in held:
+                shutil.copy2(path, target / "train" / "good" / path.name)
+    else:
+        normals = sorted((source / "test" / "good").glob("*.png"))
     if not normals or not masks:
         msg = f"source_root={source_root} needs {category}/test/good/*.png and {category}/ground_truth/*/*.png."
         raise FileNotFoundError(msg)
-    rng = np.random.default_rng(seed)
-    shutil.copytree(source / "train", target / "train")
+    if not hold_out:
+        shutil.copytree(source / "train", target / "train")
     for index in range(images):
         normal = np.asarray(Image.open(normals[index % len(normals)]).convert("RGB"), dtype=np.float64) / 255
         defective, mask = flat_colour_paste(normal, np.asarray(Image.open(masks[rng.integers(len(masks))])) > 0, rng)

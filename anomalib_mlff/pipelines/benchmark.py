@@ -10,9 +10,11 @@ command still exits 0. This layer keeps anomalib's config format and its pipelin
   per model (every other grid, e.g. the categories, stays anomalib's);
 - runs anomalib's ``Benchmark`` on each, in its own folder (anomalib writes ``runs/`` under the
   working directory), and fails loudly when a job is missing from its CSV;
-- concatenates the CSVs (union of columns) into ``results.csv`` and a markdown ``results.md``.
+- concatenates the CSVs (union of columns) into ``results.csv`` and a markdown ``results.md``;
+- with ``--pro``, adds anomalib's ``AUPRO`` (``pixel_AUPRO``, the papers' PRO) to every model's test
+  metrics: a benchmark config cannot set an evaluator, and no model's default evaluator has it.
 
-    python -m anomalib_mlff.pipelines.benchmark --config configs/benchmark/embedded_cpu.yaml
+    python -m anomalib_mlff.pipelines.benchmark --config configs/benchmark/embedded_cpu.yaml [--pro]
 """
 
 from __future__ import annotations
@@ -20,21 +22,47 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from argparse import Namespace
+from collections.abc import Generator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import yaml
+from anomalib.metrics import AUPRO, Evaluator
 from anomalib.pipelines import Benchmark
+from anomalib.pipelines.benchmark.generator import BenchmarkJobGenerator
+from anomalib.pipelines.components.base import Runner
 from anomalib.pipelines.components.utils import get_iterator_from_grid_dict
 
 __all__ = ["markdown_table", "run_benchmark", "split_by_model"]
 
 #: Columns of the markdown summary, in order, when present.
-SUMMARY_COLUMNS = ("image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_F1Score", "fit_duration", "test_duration")
+SUMMARY_COLUMNS = ("image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_F1Score", "pixel_AUPRO", "fit_duration",
+                   "test_duration")
+
+
+class _ProJobGenerator(BenchmarkJobGenerator):
+    """anomalib's job generator, with ``pixel_AUPRO`` added to each model's test metrics."""
+
+    def generate_jobs(self, args: dict, previous_stage_result: object) -> Generator:
+        for job in super().generate_jobs(args, previous_stage_result):
+            if isinstance(job.model.evaluator, Evaluator):
+                job.model.evaluator.test_metrics.append(AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_",
+                                                              strict=False))
+            yield job
+
+
+class _ProBenchmark(Benchmark):
+    """anomalib's ``Benchmark`` whose jobs also measure PRO."""
+
+    @staticmethod
+    def _setup_runners(args: dict) -> list[Runner]:
+        runners = Benchmark._setup_runners(args)
+        for runner in runners:
+            runner.generator = _ProJobGenerator(runner.generator.accelerator)
+        return runners
 
 
 def split_by_model(config: dict[str, Any]) -> list[dict[str, Any]]:
@@ -76,14 +104,14 @@ def _working_directory(folder: Path) -> Iterator[None]:
         os.chdir(previous)
 
 
-def _run_one(config: dict[str, Any], folder: Path) -> pd.DataFrame:
+def _run_one(config: dict[str, Any], folder: Path, pro: bool = False) -> pd.DataFrame:
     """anomalib's ``Benchmark`` on one model's config, inside ``folder``; its table, checked complete."""
     folder.mkdir(parents=True, exist_ok=True)
     config_path = folder / "config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     expected = len(list(get_iterator_from_grid_dict(config["benchmark"])))
     with _working_directory(folder):
-        Benchmark().run(Namespace(config=config_path))
+        (_ProBenchmark if pro else Benchmark)().run(Namespace(config=config_path))
     csvs = sorted(folder.glob("runs/benchmark/*/results.csv"))
     table = pd.read_csv(csvs[-1]) if csvs else pd.DataFrame()
     if len(table) != expected:
@@ -95,13 +123,16 @@ def _run_one(config: dict[str, Any], folder: Path) -> pd.DataFrame:
     return table
 
 
-def run_benchmark(config_path: Path, output: Path) -> pd.DataFrame:
-    """Run anomalib's benchmark per model of ``config_path``; write and return the merged table."""
+def run_benchmark(config_path: Path, output: Path, pro: bool = False) -> pd.DataFrame:
+    """Run anomalib's benchmark per model of ``config_path``; write and return the merged table.
+
+    ``pro`` adds anomalib's ``AUPRO`` to every model's test metrics (column ``pixel_AUPRO``).
+    """
     config = yaml.safe_load(Path(config_path).read_text())
     config = _absolute_data_root(config, Path.cwd())
     tables = []
     for index, single in enumerate(split_by_model(config)):
-        tables.append(_run_one(single, output.resolve() / f"{index:02d}_{_model_label(single)}"))
+        tables.append(_run_one(single, output.resolve() / f"{index:02d}_{_model_label(single)}", pro))
     merged = pd.concat(tables, ignore_index=True, sort=False)
     output.mkdir(parents=True, exist_ok=True)
     merged.to_csv(output / "results.csv", index=False)
@@ -127,8 +158,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, required=True, help="anomalib benchmark config (model grid allowed)")
     parser.add_argument("--output", type=Path, default=Path("results/benchmark"))
+    parser.add_argument("--pro", action="store_true", help="also measure PRO (anomalib's AUPRO, pixel_AUPRO)")
     args = parser.parse_args()
-    results = run_benchmark(args.config, args.output)
+    results = run_benchmark(args.config, args.output, args.pro)
     print(markdown_table(results))
     print(f"\nmerged table: {args.output / 'results.csv'} and {args.output / 'results.md'}")
 
