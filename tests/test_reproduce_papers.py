@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pandas as pd
 import pytest
 import yaml
 
+from anomalib_mlff.post_processing.f2pad import F2PAD
 from tests import lightning_helpers as helpers
 from tests.conftest import REPO_ROOT
 
@@ -24,6 +27,14 @@ TINY_MODELS = [
     {"class_path": "Patchcore", "init_args": TINY},
     {"class_path": "Padim", "init_args": TINY},
 ]
+
+
+def script_module() -> ModuleType:
+    """The script as a module, for its settings functions (it is a script, not a package module)."""
+    spec = importlib.util.spec_from_file_location("reproduce_papers", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_script(*args: str, cwd: Path, **extra_env: str) -> subprocess.CompletedProcess[str]:
@@ -64,7 +75,59 @@ def test_embedded_dry_run_writes_the_papers_table_and_chart(dry_run: Path) -> No
         assert key in means, key
         assert 0.0 <= float(means[key]) <= 100.0, (key, means[key])
     assert "98.7" in next(line for line in lines if "| MLFF | image_AUROC | mean |" in line)  # the paper's number
+    for key in [("MLFF", "pixel_PRO", "mean"), ("Padim", "pixel_PRO", "mean")]:  # PRO: anomalib's AUPRO
+        assert 0.0 <= float(means[key]) <= 100.0, (key, means[key])
+    defaults = {tuple(cell.strip() for cell in line.split("|")[2:5]): line.split("|")[7].strip()
+                for line in lines if "| mean |" in line}
+    for model in ("F2PAD Patchcore", "F2PAD Padim"):  # the second, labelled F2PAD column
+        assert 0.0 <= float(defaults[(model, "IoU", "mean")]) <= 100.0
+    assert defaults[("Padim", "IoU", "mean")] == "-"  # only F2PAD has a defaults column
     assert (dry_run / "papers.png").stat().st_size > 1000
+
+
+def test_embedded_dry_run_records_every_runs_settings(dry_run: Path) -> None:
+    """settings.yaml (and papers.md) give each run's exact settings: the models as run, both F2PAD columns."""
+    settings = yaml.safe_load((dry_run / "settings.yaml").read_text())
+    assert settings["benchmark"] == TINY_MODELS
+    assert settings["f2pad_test_set"].startswith("1 training images per category held out of training")
+    assert "the paper held out 54" in settings["f2pad_test_set"]
+    runs = {(run["model"], run["column"]): run for run in settings["f2pad"]}
+    assert sorted(runs) == [("PaDiM", "defaults"), ("PaDiM", "paper"), ("PatchCore", "defaults"),
+                            ("PatchCore", "paper")]
+    caps = {"max_iterations": 20, "reestimation_iterations": 5}
+    for model in ("PatchCore", "PaDiM"):
+        paper, defaults = runs[(model, "paper")], runs[(model, "defaults")]
+        assert paper["f2pad_arguments"] == {"preset": "paper", **caps}
+        assert defaults["f2pad_arguments"] == caps
+        assert paper["f2pad_settings"] == F2PAD(preset="paper", **caps).settings.to_config()
+        assert defaults["f2pad_settings"] == F2PAD(**caps).settings.to_config()
+        assert paper["f2pad_settings"] != defaults["f2pad_settings"]
+        assert paper["model_arguments"]["backbone"] == "resnet18"
+        assert paper["model_arguments"]["pre_trained"] is False
+    text = (dry_run / "papers.md").read_text()
+    assert "## Settings of every run" in text and "F2PAD PaDiM (paper)" in text and "'preset': 'paper'" in text
+
+
+def test_online_settings_are_the_papers() -> None:
+    """Without running: PaDiM as the PaDiM paper MLFF quotes, torchvision weights, F2PAD paper mode vs defaults."""
+    script = script_module()
+    config = script.benchmark_config(REPO_ROOT / "configs" / "benchmark" / "mvtec_gpu.yaml", Path("/data"),
+                                     ["bottle"], embedded=False)
+    grid = {entry["class_path"]: entry["init_args"] for entry in config["benchmark"]["model"]["grid"]}
+    assert sorted(grid) == sorted(script.MODELS)
+    assert grid["Padim"]["backbone"] == "wide_resnet50_2.tv_in1k" and grid["Padim"]["n_features"] == 550
+    assert grid["Patchcore"]["backbone"] == "wide_resnet50_2.tv_in1k"
+    assert grid["MLFF"]["backbone"] == "resnet50.tv_in1k" and grid["MFFA"]["backbone"] == "wide_resnet50_2.tv_in1k"
+    embedded = script.benchmark_config(REPO_ROOT / "configs" / "benchmark" / "embedded_cpu.yaml", Path("/data"),
+                                       ["brick"], embedded=True)
+    assert all(entry["init_args"]["backbone"] == "resnet18" for entry in embedded["benchmark"]["model"]["grid"])
+    runs = {(run["model"], run["column"]): run for run in script.f2pad_runs(embedded=False)}
+    for model in ("PatchCore", "PaDiM"):
+        arguments = runs[(model, "paper")]["model_arguments"]
+        assert arguments["backbone"] == "resnet18.tv_in1k" and arguments["pre_trained"] is True
+        assert runs[(model, "paper")]["f2pad_settings"] == F2PAD(preset="paper").settings.to_config()
+        assert runs[(model, "defaults")]["f2pad_settings"] == F2PAD().settings.to_config()
+    assert runs[("PaDiM", "paper")]["model_arguments"]["n_features"] == 100
 
 
 def test_benchmark_layer_merges_models_with_different_arguments(dry_run: Path) -> None:
