@@ -93,7 +93,7 @@ def backbone_checksum(model: AnomalibModule) -> float:
 def run(
     name: str, build: Callable[[], AnomalibModule], datamodule: MVTecAD, epochs: int | None, seed: int, out: Path
 ) -> Result:
-    """Fit and test one model, timing both phases (``epochs=None``: the model's own trainer_arguments)."""
+    """Fit and test one model, timing both phases (``epochs=None``: the model's own default epochs)."""
     seed_everything(seed, workers=True)
     model = build()
     checksum = backbone_checksum(model)
