@@ -85,6 +85,7 @@ def test_embedded_dry_run_writes_the_papers_table_and_chart(dry_run: Path) -> No
     assert (dry_run / "papers.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_embedded_dry_run_records_every_runs_settings(dry_run: Path) -> None:
     """settings.yaml (and papers.md) give each run's exact settings: the models as run, both F2PAD columns."""
     settings = yaml.safe_load((dry_run / "settings.yaml").read_text())
