@@ -10,10 +10,11 @@ deterministically from the seed; masks exact):
   them is drawn by F2PAD's calibration (CutPaste, scar, confetti).
 
 Models: anomalib's PatchCore (resnet18 layers 2+3) and PaDiM (resnet18), random initialisation, 256 px.
-Each (model, category) is fitted once (the fit ends with F2PAD's calibration); each protocol's test set then
-sets anomalib's F1-optimal pixel threshold (the paper's oracle threshold) and is tested with F2PAD disabled
-(the backbone's mask) and enabled. Reports IoU/DICE (x100, mean over images) before/after, seconds per image
-of the test pass, and how many images the do-no-harm rule kept at the backbone's mask.
+Each (model, category) is fitted once (with ``--calibration-images`` the fit ends with F2PAD's calibration, and
+the summary adds the ``calibration_veto`` rows); each protocol's test set then sets anomalib's F1-optimal pixel
+threshold (the paper's oracle threshold) and is tested with F2PAD disabled (the backbone's mask) and enabled.
+Reports IoU/DICE (x100, mean over images) before/after, seconds per image of the test pass, and how many images
+the do-no-harm rule kept at the backbone's mask.
 
     python benchmarks/bench_f2pad.py                         # both categories, both models
     python benchmarks/bench_f2pad.py --categories brick --models PaDiM --paper-images 2 --real-images 2 \\
