@@ -28,9 +28,9 @@ from anomalib.models.components import AnomalibModule
 from anomalib.visualization import Visualizer
 from torch import nn
 
-from anomalib_mlff.components.data_checks import check_before_fit
+from anomalib_mlff.components.data_checks import check_before_fit, first_training_image
 from anomalib_mlff.components.memory_bank import FaissMemoryBank
-from anomalib_mlff.components.streaming_coreset import DEFAULT_MEMORY_BUDGET_MB
+from anomalib_mlff.components.streaming_coreset import DEFAULT_MEMORY_BUDGET_MB, embedding_rows
 
 from .torch_model import FaissPatchcoreModel
 
@@ -129,8 +129,16 @@ class FaissPatchcore(Patchcore, AnomalibModule):
         ).to(dtype)
 
     def on_fit_start(self) -> None:
-        """Before embedding anything: every image file readable, at least one training image."""
-        check_before_fit(getattr(self.trainer, "datamodule", None), self.skip_bad_images)
+        """Before embedding anything: every image file readable, at least one training image, and a
+        ``memory_budget_mb`` that holds the coreset of all training embeddings (images x patches)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        images = check_before_fit(datamodule, self.skip_bad_images)
+        image = first_training_image(datamodule, self.pre_processor) if images > 0 else None
+        if image is not None:
+            rows, dim = embedding_rows(self.model, self.model.embed, image.to(self.device))
+            store = self.model.embedding_store
+            store.sampling_ratio = self.coreset_sampling_ratio
+            store.check_budget(images * rows, dim, ranks=self.trainer.world_size)
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:

@@ -61,6 +61,13 @@ class FaissPatchcoreModel(PatchcoreModel):
     def memory_bank(self, vectors: torch.Tensor) -> None:
         self.bank.set_memory(vectors)
 
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, dim, h, w)`` PatchCore embedding of ``images``, as ``forward`` computes it (not stored)."""
+        with torch.no_grad():
+            features = self.feature_extractor(images.type(self.memory_bank.dtype))
+        features = {layer: self.feature_pooler(feature) for layer, feature in features.items()}
+        return self.generate_embedding(features)
+
     def subsample_embedding(self, sampling_ratio: float) -> None:
         """Fit the bank with the greedy coreset of the streamed training embeddings (of all DDP ranks)."""
         self.embedding_store.sampling_ratio = sampling_ratio

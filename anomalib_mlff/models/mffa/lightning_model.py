@@ -37,7 +37,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
 from anomalib_mlff.components.normalization import PixelRange
-from anomalib_mlff.components.data_checks import describe_datamodule
+from anomalib_mlff.components.data_checks import describe_datamodule, first_training_image
 from anomalib_mlff.components.lightning import PseudoAnomalyMixin
 
 from .gaussian import MIN_GAUSSIAN_IMAGES
@@ -137,6 +137,9 @@ class MFFA(PseudoAnomalyMixin, AnomalibModule):
                 "use_gaussian=False."
             )
             raise ValueError(msg)
+        image = first_training_image(self.trainer.datamodule, self.pre_processor) if count > 0 else None
+        if image is not None and self.model.nns is not None:  # a budget too small for the coreset stops here
+            self.model.nns.check_budget(self.model, count, image.to(self.device), self.trainer.world_size)
         self._pseudo_generator.manual_seed(self.seed)
 
     def on_train_epoch_start(self) -> None:
