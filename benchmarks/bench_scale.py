@@ -111,7 +111,7 @@ def child(args: argparse.Namespace) -> None:
     model = build_model(args.child, args.budget_mb, args.ratio)
     engine = Engine(accelerator="cpu", devices=1, default_root_dir=root.parent / f"run_{os.getpid()}",
                     logger=False, enable_progress_bar=False, enable_model_summary=False,
-                    limit_val_batches=0, num_sanity_val_steps=0, enable_checkpointing=False)
+                    limit_val_batches=0, num_sanity_val_steps=0)
     start = time.perf_counter()
     engine.fit(model, datamodule=data)
     result = {"fit_s": round(time.perf_counter() - start, 1),

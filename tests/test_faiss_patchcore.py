@@ -138,8 +138,8 @@ def test_openvino_export_matches_torch_at_f32(tmp_path: Path) -> None:
 def test_a_budget_smaller_than_the_training_embeddings_streams_through_reductions() -> None:
     """The fit reduces its candidates within the budget and still keeps 10% of every embedding it saw.
 
-    A store built with the ratio unknown (1.0) refused its first reduction: any training set larger than
-    the budget stopped with the "budget too small" error, which only bench_scale.py's 1,000 images hit.
+    The store must know the coreset ratio from its first reduction on: a store that assumed ratio 1 would
+    refuse any training set larger than the budget.
     """
     model = build(FaissPatchcore, coreset_sampling_ratio=0.1, memory_budget_mb=6, seed=SEED)
     store = model.model.embedding_store
