@@ -383,7 +383,9 @@ class StreamingCoreset:
             self._reduce(share, level="gather")
 
 
-def embedding_rows(module: nn.Module, embed: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor) -> tuple[int, int]:
+def embedding_rows(
+    module: nn.Module, embed: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor
+) -> tuple[int, int]:
     """Rows per image and width of ``embed(image)``, a ``(1, dim, h, w)`` embedding of one ``(1, C, H, W)`` image.
 
     Runs ``module`` in eval mode without gradients (BatchNorm statistics untouched) and restores every
