@@ -53,8 +53,9 @@ class FaissPatchcore(Patchcore, AnomalibModule):
         search_budget_mb: memory cap of one distance block in torch search (export, CUDA without faiss-gpu).
         shards: CPU shards of the search index; gpus: GPUs a CUDA bank is sharded across (-1: all).
         memory_budget_mb: memory for the training embeddings while the coreset is chosen (per rank);
-            a larger training set streams through it (see :class:`StreamingCoreset`). Within the
-            budget the coreset is exactly the all-in-memory one.
+            they stream through it in chunks (see :class:`StreamingCoreset` and ``components/SCALING.md``).
+            A budget that cannot hold the coreset is refused before the first image is embedded. At
+            ratio >= 0.1 within the budget the coreset is exactly the all-in-memory one.
         seed: seeds the coreset's random projection and start. ``None`` (default): both come from
             the global RNGs as in anomalib's ``KCenterGreedy``, so under the same ``seed_everything``
             the coreset, and the scores, are anomalib Patchcore's.
