@@ -7,8 +7,8 @@ in its own Python process; its figures are its wall time and its peak resident m
 resnet18 with random weights (no ImageNet download here), 128 px.
 
 * bounded: ``FaissPatchcore`` with ``memory_budget_mb`` (the streamed coreset).
-* all in memory: ``FaissPatchcore`` with a budget holding every embedding and ``oversampling=None``
-  on its store (no chunk reduction: one greedy over all embeddings).
+* all in memory: ``FaissPatchcore`` with a budget holding every embedding and
+  ``coreset_oversampling=None`` (no chunk reduction: one greedy over all embeddings).
 * anomalib: ``anomalib.models.Patchcore`` (its own greedy), up to ``--patchcore-max-images``.
 
 One table: images x ratio -> seconds and peak MB of the three fits, and bounded / all-in-memory time.
@@ -86,18 +86,17 @@ def build_model(fit: str, budget_mb: float, ratio: float) -> object:
     from lightning.pytorch import seed_everything
 
     from anomalib_mlff import FaissPatchcore
+    from anomalib_mlff.components.streaming_coreset import DEFAULT_OVERSAMPLING
 
     seed_everything(SEED, verbose=False)
     if fit == "anomalib":
         return Patchcore(backbone="resnet18", pre_trained=False, coreset_sampling_ratio=ratio, visualizer=False,
                          pre_processor=Patchcore.configure_pre_processor(image_size=(IMAGE_SIZE, IMAGE_SIZE)))
-    model = FaissPatchcore(backbone="resnet18", pre_trained=False, coreset_sampling_ratio=ratio, seed=SEED,
-                           memory_budget_mb=budget_mb if fit == "bounded" else 1e7, visualizer=False,
-                           pre_processor=FaissPatchcore.configure_pre_processor(image_size=(IMAGE_SIZE,) * 2))
-    if fit == "all in memory":
-        model.model.embedding_store.oversampling = None  # one greedy over every embedding
-        model.model.embedding_store.clear()
-    return model
+    bounded = fit == "bounded"
+    return FaissPatchcore(backbone="resnet18", pre_trained=False, coreset_sampling_ratio=ratio, seed=SEED,
+                          memory_budget_mb=budget_mb if bounded else 1e7,  # all in memory: one greedy over all
+                          coreset_oversampling=DEFAULT_OVERSAMPLING if bounded else None, visualizer=False,
+                          pre_processor=FaissPatchcore.configure_pre_processor(image_size=(IMAGE_SIZE,) * 2))
 
 
 def child(args: argparse.Namespace) -> None:

@@ -214,3 +214,21 @@ def test_budget_check_refuses_only_what_cannot_hold_the_coreset() -> None:
     assert store.required_budget_mb(400_000, 384, comfortable=True) > needed
     with pytest.raises(ValueError, match="with 2 ranks"):
         StreamingCoreset(0.1, memory_budget_mb=needed / 4, progress=False).check_budget(400_000, 384, ranks=2)
+
+
+def test_without_oversampling_a_budget_holding_everything_gives_the_all_in_memory_coreset_at_any_ratio() -> None:
+    points = clustered_points(5000, seed=2)
+    for seed in (0, None):
+        seed_everything(1, verbose=False)
+        store = StreamingCoreset(0.01, 64, seed=seed, progress=False, oversampling=None, chunk_rows=1024)
+        for batch in points.split(256):
+            store.append(batch)
+        coreset = store.finish()
+        seed_everything(1, verbose=False)
+        assert store.last_report.reductions == 0
+        assert torch.equal(coreset, points[greedy_coreset(points, 0.01, seed=seed, progress=False)]), seed
+    chunked = StreamingCoreset(0.01, 64, seed=0, progress=False, chunk_rows=1024)
+    for batch in points.split(256):
+        chunked.append(batch)
+    chunked.finish()
+    assert chunked.last_report.reductions >= 4  # the default oversampling reduces each chunk

@@ -30,7 +30,7 @@ from torch import nn
 
 from anomalib_mlff.components.data_checks import check_before_fit, first_training_image
 from anomalib_mlff.components.memory_bank import FaissMemoryBank
-from anomalib_mlff.components.streaming_coreset import DEFAULT_MEMORY_BUDGET_MB, embedding_rows
+from anomalib_mlff.components.streaming_coreset import DEFAULT_MEMORY_BUDGET_MB, DEFAULT_OVERSAMPLING, embedding_rows
 
 from .torch_model import FaissPatchcoreModel
 
@@ -56,6 +56,10 @@ class FaissPatchcore(Patchcore, AnomalibModule):
             they stream through it in chunks (see :class:`StreamingCoreset` and ``components/SCALING.md``).
             A budget that cannot hold the coreset is refused before the first image is embedded. At
             ratio >= 0.1 within the budget the coreset is exactly the all-in-memory one.
+        coreset_oversampling: each chunk of training embeddings is reduced on its own to this many times
+            its share of the coreset before the final greedy (the streamed fit's time stays linear in the
+            images). ``None``: no chunk reduction, so within the budget the coreset is exactly the
+            all-in-memory one (anomalib's at ``seed=None``) at any ratio.
         seed: seeds the coreset's random projection and start. ``None`` (default): both come from
             the global RNGs as in anomalib's ``KCenterGreedy``, so under the same ``seed_everything``
             the coreset, and the scores, are anomalib Patchcore's.
@@ -78,6 +82,7 @@ class FaissPatchcore(Patchcore, AnomalibModule):
         nprobe: int = 16,
         search_budget_mb: float = 256.0,
         memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+        coreset_oversampling: float | None = DEFAULT_OVERSAMPLING,
         shards: int = 1,
         gpus: int = 1,
         seed: int | None = None,
@@ -127,6 +132,7 @@ class FaissPatchcore(Patchcore, AnomalibModule):
             bank=bank,
             memory_budget_mb=memory_budget_mb,
             coreset_sampling_ratio=coreset_sampling_ratio,
+            coreset_oversampling=coreset_oversampling,
         ).to(dtype)
 
     def on_fit_start(self) -> None:
