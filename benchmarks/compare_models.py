@@ -131,7 +131,7 @@ def gflop(step: Callable[[], object]) -> float:
 def run(
     name: str, build: Callable[[], AnomalibModule], datamodule: MVTecAD, epochs: int | None, seed: int, out: Path
 ) -> Result:
-    """Fit and test one model, timing both phases (``epochs=None``: the model's own trainer_arguments)."""
+    """Fit and test one model, timing both phases (``epochs=None``: the model's own default epochs)."""
     seed_everything(seed, workers=True)
     model = build()
     checksum = backbone_checksum(model)

@@ -139,4 +139,4 @@ def test_the_model_sets_the_engine_epochs_and_decays_the_learning_rate(trained) 
     assert engine.trainer.current_epoch == 4
     expected = model.learning_rate * model.lr_decay**4
     assert model.optimizers().param_groups[0]["lr"] == pytest.approx(expected)
-    assert helpers.tiny_model(MLFF).trainer_arguments["max_epochs"] == 200  # the paper's, by default
+    assert helpers.tiny_model(MLFF).default_max_epochs == 200  # the paper's, by default

@@ -3,10 +3,14 @@
 :class:`PseudoAnomalyMixin` goes before ``AnomalibModule`` in a model's bases
 (``class MLFF(PseudoAnomalyMixin, AnomalibModule)``), so the model stays a direct subclass of
 ``AnomalibModule`` (anomalib's ``get_model("mlff")`` looks only at those). It has no
-``__init__``; the model's ``__init__`` calls :meth:`~PseudoAnomalyMixin.set_sgd` and
-:meth:`~PseudoAnomalyMixin.record_model_args`. It
+``__init__``; the model's ``__init__`` calls :meth:`~PseudoAnomalyMixin.init_sgd_training`, then
+builds its torch model from ``**model_args`` itself. It
 
-- checks and stores the SGD settings and optimises the trainable parameters with SGD;
+- checks and stores the SGD settings, optimises the trainable parameters with SGD, and switches
+  to manual optimisation (the models step more or less than once per batch);
+- trains for the model's :attr:`~PseudoAnomalyMixin.default_max_epochs` (the paper's schedule)
+  only where the user set no length: a ``max_epochs`` given to anomalib's ``Engine``, to a
+  Lightning ``Trainer`` or as ``--trainer.max_epochs`` wins;
 - records every argument of the torch model, defaults included, in the hyperparameters (the
   Lightning module takes them as ``**model_args`` and calls the torch model class with them, so
   the torch model's signature is the one place they are written; jsonargparse, i.e.
@@ -23,16 +27,22 @@
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import Any
 
 import torch
 from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.post_processing import PostProcessor
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Timer
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
 from anomalib_mlff.components.data_checks import check_before_fit
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["PseudoAnomalyMixin"]
 
@@ -55,6 +65,25 @@ class PseudoAnomalyMixin:
         for name in cls.initial_weight_args:
             kwargs.setdefault(name, False if name == "pre_trained" else None)
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
+    def init_sgd_training(
+        self,
+        model_class: type[nn.Module],
+        model_args: dict[str, Any],
+        learning_rate: float,
+        momentum: float,
+        weight_decay: float,
+    ) -> None:
+        """The constructor block of the SGD-trained models: SGD settings, the model arguments, manual optimisation.
+
+        Checks and stores the SGD settings, records every argument of ``model_class(**model_args)`` in
+        the hyperparameters and switches Lightning to manual optimisation. The caller then builds
+        ``self.model = model_class(**model_args)`` in its own ``__init__``, where jsonargparse sees
+        which class takes ``**model_args`` (``anomalib train --model.<arg>``).
+        """
+        self.set_sgd(learning_rate, momentum, weight_decay)
+        self.record_model_args(model_class, model_args)
+        self.automatic_optimization = False
 
     def set_sgd(self, learning_rate: float, momentum: float, weight_decay: float) -> None:
         """Check (each >= 0) and store the SGD settings."""
@@ -79,6 +108,37 @@ class PseudoAnomalyMixin:
             raise TypeError(msg) from error
         bound.apply_defaults()
         self.hparams.update(bound.arguments)
+
+    # ------------------------------------------------------------------ epochs
+    @property
+    def default_max_epochs(self) -> int:
+        """Lightning epochs of the model's own schedule, used where the user set no training length."""
+        raise NotImplementedError
+
+    @property
+    def trainer(self) -> Trainer:
+        """Lightning's ``trainer``; attaching one to fit settles the number of epochs (:meth:`settle_max_epochs`)."""
+        return super().trainer  # type: ignore[misc]
+
+    @trainer.setter
+    def trainer(self, trainer: Trainer | None) -> None:
+        LightningModule.trainer.fset(self, trainer)  # type: ignore[attr-defined]
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            self.settle_max_epochs(trainer)
+
+    def settle_max_epochs(self, trainer: Trainer) -> None:
+        """Give ``trainer`` the model's :attr:`default_max_epochs` where Lightning would fall back to 1,000.
+
+        Lightning attaches the model before it resolves the loop limits, so ``max_epochs`` is still
+        ``None`` here exactly when nobody set it. As in Lightning, a ``max_steps`` or ``max_time``
+        also counts as a length the user set. The model's default is not a trainer argument
+        because anomalib's ``Engine`` lets those override the user's.
+        """
+        loop = trainer.fit_loop
+        timed = any(isinstance(callback, Timer) for callback in trainer.callbacks)
+        if loop.max_epochs is None and trainer.max_steps == -1 and not timed:
+            loop.max_epochs = self.default_max_epochs
+            logger.info("%s: max_epochs not set; training the model's %d epochs.", type(self).__name__, loop.max_epochs)
 
     # ------------------------------------------------------------------ training
     def configure_optimizers(self) -> torch.optim.Optimizer | None:

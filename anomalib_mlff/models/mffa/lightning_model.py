@@ -2,18 +2,20 @@
 
 Training has two phases, both ordinary Lightning epochs, so the progress bar shows each:
 
-1. PSG (``psg_epochs`` epochs, only with ``use_psg``): every normal batch becomes a 3-way
+1. PSG (every epoch but the last, only with ``use_psg``): every normal batch becomes a 3-way
    normal / CutPaste / CutPaste-Scar classification batch; SGD fine-tunes the backbone over
    the cross-entropy (manual optimisation: one zero_grad/backward/step per batch, as Lightning's
    automatic loop would do, so that the fill epoch can skip optimising under DDP).
-2. Fill (one more epoch): the backbone in eval mode embeds the training images, batch by batch
+2. Fill (the last epoch): the backbone in eval mode embeds the training images, batch by batch
    into bounded-memory fit state (a streaming coreset, Gaussian running sums); at the end of
    that epoch (before validation) the memory bank is filled and the Gaussians are fitted, from
    the state of all ranks under DDP.
 
-``trainer_arguments`` therefore asks anomalib's Engine for ``psg_epochs + 1`` epochs (1 without
-PSG, like PaDiM) and validation only after the last one. The maths lives in :class:`MFFAModel`,
-which is what ``anomalib export`` writes out.
+Where the user sets no ``max_epochs`` the model trains ``psg_epochs + 1`` epochs (the paper's 64
+PSG epochs by default); a ``max_epochs`` the user sets wins and gives ``max_epochs - 1`` PSG
+epochs. Without PSG the model asks anomalib's Engine for one epoch, like PaDiM. Validation runs
+only after the last epoch. The maths lives in :class:`MFFAModel`, which is what ``anomalib export``
+writes out.
 
 Example:
     >>> from anomalib.engine import Engine
@@ -33,6 +35,7 @@ from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
 from anomalib.visualization import Visualizer
+from lightning.pytorch import Trainer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
@@ -54,7 +57,9 @@ class MFFA(PseudoAnomalyMixin, AnomalibModule):
     """MFFA: PSG fine-tuning, LGFFP (CaiT) features, NNS x Gaussian anomaly maps.
 
     Args:
-        psg_epochs: PSG fine-tuning epochs (paper: 64); the fill pass is one more epoch.
+        psg_epochs: PSG fine-tuning epochs where the user sets no ``max_epochs`` (paper: 64); the fill
+            pass is one more epoch. A ``max_epochs`` the user sets (``Engine(max_epochs=N)``,
+            ``--trainer.max_epochs N``) wins: ``N - 1`` PSG epochs, then the fill epoch.
         learning_rate, momentum, weight_decay: PSG's SGD (paper: 3e-4, 0.9, 3e-5).
         skip_bad_images: leave unreadable, truncated, empty or 16-bit image files out (with a
             warning) instead of stopping before training with their list.
@@ -93,18 +98,14 @@ class MFFA(PseudoAnomalyMixin, AnomalibModule):
             evaluator=evaluator,
             visualizer=visualizer,
         )
-        self.set_sgd(learning_rate, momentum, weight_decay)
+        self.init_sgd_training(MFFAModel, model_args, learning_rate, momentum, weight_decay)
         self.skip_bad_images = skip_bad_images
-        self.record_model_args(MFFAModel, model_args)
         self.model = MFFAModel(**model_args)
         self.use_psg = self.model.psg_head is not None
         if self.use_psg and (not isinstance(psg_epochs, int) or psg_epochs < 1):
             msg = f"psg_epochs must be a positive integer with use_psg=True, got psg_epochs={psg_epochs!r}."
             raise ValueError(msg)
         self.loss = PSGLoss()
-        # Manual optimisation: the fill epoch's steps optimise nothing, and under DDP Lightning's
-        # automatic optimisation does not allow a step that returns no loss.
-        self.automatic_optimization = False
         self.psg_epochs = psg_epochs if self.use_psg else 0
         self.seed = self.model.seed
         self._pseudo_generator = torch.Generator().manual_seed(self.seed)
@@ -117,15 +118,42 @@ class MFFA(PseudoAnomalyMixin, AnomalibModule):
         return super().configure_optimizers() if self.use_psg else None
 
     @property
+    def default_max_epochs(self) -> int:
+        """``psg_epochs`` + the fill epoch."""
+        return self.psg_epochs + 1
+
+    @property
     def trainer_arguments(self) -> dict[str, Any]:
-        """PSG epochs + the fill epoch; validate only after the fill epoch. Any number of devices: under DDP
-        the memory bank and the Gaussians are combined across ranks."""
-        epochs = self.psg_epochs + 1
-        return {"max_epochs": epochs, "check_val_every_n_epoch": epochs, "num_sanity_val_steps": 0}
+        """No sanity validation; without PSG one epoch (the fill pass), like PaDiM.
+
+        With PSG the epochs are not among them: anomalib's Engine lets trainer arguments override the
+        user's ``max_epochs``; :attr:`default_max_epochs` applies only where the user set none. Any
+        number of devices: under DDP the memory bank and the Gaussians are combined across ranks.
+        """
+        return {"num_sanity_val_steps": 0} if self.use_psg else {"max_epochs": 1, "num_sanity_val_steps": 0}
+
+    def settle_max_epochs(self, trainer: Trainer) -> None:
+        """The user's or the default epochs; validate only after the last one (the fill epoch).
+
+        ``ValueError`` when the trainer has no finite epoch count (a ``max_steps`` or ``max_time`` alone)
+        or, without PSG, more than the one fill pass.
+        """
+        super().settle_max_epochs(trainer)
+        epochs = trainer.fit_loop.max_epochs
+        if epochs is None or epochs < 1 or (not self.use_psg and epochs != 1):
+            expected = "max_epochs=1 (use_psg=False: one pass)" if not self.use_psg else "max_epochs >= 1"
+            msg = (
+                f"MFFA fills its memory bank and Gaussians in the last training epoch and needs {expected}, got "
+                f"max_epochs={epochs}. Leave max_epochs, max_steps and max_time unset for psg_epochs + 1 epochs."
+            )
+            raise ValueError(msg)
+        if self.use_psg and epochs == 1:
+            logger.warning("MFFA: max_epochs=1 leaves no PSG epoch; the backbone is not fine-tuned.")
+        trainer.check_val_every_n_epoch = epochs
 
     # ------------------------------------------------------------------ training
     def _in_fill_epoch(self) -> bool:
-        return self.current_epoch >= self.psg_epochs
+        return self.current_epoch >= self.trainer.max_epochs - 1
 
     def on_fit_start(self) -> None:
         """Fail early, naming the dataset, when there are too few training images; reset the PSG draws."""
@@ -149,7 +177,8 @@ class MFFA(PseudoAnomalyMixin, AnomalibModule):
             self._fill_pending = True
             logger.info("MFFA: embedding the training images to fill the memory bank and fit the Gaussians.")
         elif self.current_epoch == 0:
-            logger.info("MFFA: PSG fine-tuning for %d epochs, then one pass to fit the branches.", self.psg_epochs)
+            logger.info("MFFA: PSG fine-tuning for %d epochs, then one pass to fit the branches.",
+                        self.trainer.max_epochs - 1)
 
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """A PSG classification step, or (fill epoch) collect the batch's branch embeddings."""
@@ -210,9 +239,8 @@ class MFFA(PseudoAnomalyMixin, AnomalibModule):
         self._fit_collected()
         if not self.model.is_fitted:
             msg = (
-                "MFFA is not fitted: the memory bank and the Gaussians are filled in the epoch after the "
-                f"{self.psg_epochs} PSG epoch(s). Train with max_epochs = psg_epochs + 1 (anomalib's Engine sets it) "
-                "or load a fitted checkpoint."
+                "MFFA is not fitted: the memory bank and the Gaussians are filled in the last training epoch, "
+                "after the PSG epochs. Fit it (to the end of its epochs) or load a fitted checkpoint."
             )
             raise RuntimeError(msg)
 

@@ -51,9 +51,9 @@ class MLFF(PseudoAnomalyMixin, AnomalibModule):
         learning_rate, momentum, weight_decay: SGD settings (paper: 1e-3, -, 3e-5).
         lr_decay: the learning rate is multiplied by this after every epoch (FCDD's MVTec schedule,
             0.985, which MLFF builds on; the paper gives only the "initial" rate); 1.0 keeps it constant.
-        epochs: training epochs (paper: 200). The model asks anomalib's Engine for them through
-            ``trainer_arguments``, which override the trainer's ``max_epochs``, so anomalib's
-            benchmark pipeline and ``anomalib train --model MLFF`` train as the paper does.
+        epochs: training epochs where the user sets none (paper: 200), e.g. in anomalib's benchmark
+            pipeline or a plain ``Engine()``. A ``max_epochs`` the user gives (``Engine(max_epochs=N)``,
+            ``--trainer.max_epochs N``) wins.
         pre_processor, post_processor, evaluator, visualizer: anomalib components.
         **model_args: :class:`MLFFModel`'s arguments, keyword only, with its defaults (the paper's):
             ``backbone`` (timm CNN, paper ``"resnet50"``), ``layers`` (layers 1-3), ``pre_trained``,
@@ -92,7 +92,7 @@ class MLFF(PseudoAnomalyMixin, AnomalibModule):
             evaluator=evaluator,
             visualizer=visualizer,
         )
-        self.set_sgd(learning_rate, momentum, weight_decay)
+        self.init_sgd_training(MLFFModel, model_args, learning_rate, momentum, weight_decay)
         for name, value in (("repeat", repeat), ("epochs", epochs)):
             if value < 1:
                 msg = f"{name} must be a positive integer, got {name}={value}."
@@ -102,7 +102,6 @@ class MLFF(PseudoAnomalyMixin, AnomalibModule):
             raise ValueError(msg)
         self.lr_decay = lr_decay
         self.epochs = epochs
-        self.record_model_args(MLFFModel, model_args)
         self.model = MLFFModel(**model_args)
         self.loss = MLFFLoss(
             feature_weight=feature_weight,
@@ -112,9 +111,7 @@ class MLFF(PseudoAnomalyMixin, AnomalibModule):
             margin=margin,
         )
         self.pseudo_anomalies = PseudoAnomalyGenerator(ratio=anomaly_ratio, methods=tuple(anomaly_methods))
-        self.repeat = repeat
-        # Each batch is optimised `repeat` times with fresh pseudo anomalies: manual optimisation.
-        self.automatic_optimization = False
+        self.repeat = repeat  # each batch is optimised `repeat` times with fresh pseudo anomalies
 
     def on_fit_start(self) -> None:
         """Check the data; refuse ``repeat > 1`` under DDP, where only a step's first backward is synchronised.
@@ -174,6 +171,15 @@ class MLFF(PseudoAnomalyMixin, AnomalibModule):
         self.lr_schedulers().step()
 
     @property
+    def default_max_epochs(self) -> int:
+        """``epochs``: the paper's 200 by default."""
+        return self.epochs
+
+    @property
     def trainer_arguments(self) -> dict[str, Any]:
-        """The paper's epochs; no sanity validation (thresholds come from full validation epochs)."""
-        return {"max_epochs": self.epochs, "num_sanity_val_steps": 0}
+        """No sanity validation (thresholds come from full validation epochs).
+
+        The epochs are not among them: anomalib's Engine lets trainer arguments override the user's
+        ``max_epochs``; :attr:`default_max_epochs` applies only where the user set none.
+        """
+        return {"num_sanity_val_steps": 0}
