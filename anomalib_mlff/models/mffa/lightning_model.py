@@ -156,7 +156,8 @@ class MFFA(PseudoAnomalyMixin, AnomalibModule):
         return self.current_epoch >= self.trainer.max_epochs - 1
 
     def on_fit_start(self) -> None:
-        """Fail early, naming the dataset, when there are too few training images; reset the PSG draws."""
+        """Fail early, naming the dataset, when there are too few training images or ``memory_budget_mb`` cannot hold
+        the NNS coreset (before any image is embedded); reset the PSG draws."""
         count = self.count_training_images()
         if self.model.gaussian is not None and 0 <= count < MIN_GAUSSIAN_IMAGES:
             msg = (
