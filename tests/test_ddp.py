@@ -79,6 +79,7 @@ def ddp_fit(model_name: str, tmp_path: Path, devices: int) -> Path:
     return checkpoint
 
 
+@pytest.mark.slow
 def test_ddp_faiss_patchcore_checkpoint_holds_the_whole_bank_and_scores_as_one_process(tmp_path: Path) -> None:
     """Coreset ratio 1: the 2-rank bank must hold every training embedding, as one process's does."""
     model = FaissPatchcore.load_from_checkpoint(ddp_fit("faiss_patchcore", tmp_path, devices=2))
@@ -96,6 +97,7 @@ def test_ddp_faiss_patchcore_checkpoint_holds_the_whole_bank_and_scores_as_one_p
         assert ddp_scores[key] == pytest.approx(single_scores[key], abs=0.005), key
 
 
+@pytest.mark.slow
 def test_ddp_mffa_trains_psg_and_fills_the_whole_bank_and_the_gaussians(tmp_path: Path) -> None:
     checkpoint = ddp_fit("mffa", tmp_path, devices=2)
     model = MFFA.load_from_checkpoint(checkpoint)

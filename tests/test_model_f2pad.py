@@ -97,6 +97,7 @@ def test_feature_term_gradient_matches_finite_differences(name: str) -> None:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_refine_runs_on_the_models_mask(name: str) -> None:
     network, _, num_candidates = MODELS[name]
