@@ -112,6 +112,7 @@ def test_an_empty_initial_mask_returns_at_once_with_an_empty_mask() -> None:
     assert torch.all(result.iterations == 0)
 
 
+@pytest.mark.slow
 def test_only_images_with_a_mask_are_refined() -> None:
     image, truth = defect_image()
     masks = torch.stack([torch.zeros_like(truth), dilate(truth[None], 2)[0]])
@@ -219,6 +220,7 @@ def test_median_filter_drops_isolated_pixels_and_fills_speckle_inside_a_defect()
     assert not outside.any()  # confined to the region
 
 
+@pytest.mark.slow
 def test_refined_mask_is_the_filtered_magnitude_above_the_threshold() -> None:
     image, truth = defect_image()
     scorer = build_scorer(patchcore(), IMAGENET, num_candidates=5)

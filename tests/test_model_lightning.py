@@ -244,6 +244,7 @@ def test_mlff_nan_images_raise_a_clear_error() -> None:
         model.model(images)
 
 
+@pytest.mark.slow
 def test_mlff_rgba_and_grayscale_images_train(tmp_path: Path) -> None:
     folder = helpers.small_copy(tmp_path, n_train=6)
     add_rgba_image(folder)
@@ -253,6 +254,7 @@ def test_mlff_rgba_and_grayscale_images_train(tmp_path: Path) -> None:
     assert torch.isfinite(torch.tensor(float(engine.trainer.callback_metrics["train_loss_epoch"])))
 
 
+@pytest.mark.slow
 def test_mffa_rgba_grayscale_and_odd_sized_images_fit_in_one_pass(tmp_path: Path) -> None:
     """Without PSG, training is one pass (like PaDiM); anomalib's reader and resize handle odd images."""
     folder = helpers.small_copy(tmp_path, n_train=4)
