@@ -135,6 +135,7 @@ def test_mffa_scores_at_the_initial_estimate_are_mffas_patch_score_product(use_l
     torch.testing.assert_close(scores, expected[:, 0], rtol=2e-3, atol=1e-4)
 
 
+@pytest.mark.slow  # fresh interpreters importing anomalib
 def test_mffa_registration_and_scorer_whatever_is_imported_first(run_python) -> None:  # noqa: ANN001
     """Importing F2PAD first (which registers the models, whose MFFA package imports F2PAD) leaves no half-import."""
     result = run_python(
