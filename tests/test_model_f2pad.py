@@ -104,15 +104,22 @@ def test_refine_runs_on_the_models_mask(name: str) -> None:
     assert_refine_runs(build_scorer(network(), IMAGENET, num_candidates=num_candidates))
 
 
+def scores_at_the_initial_estimate(model: nn.Module, num_candidates: int, images: torch.Tensor) -> torch.Tensor:
+    """The model's F2PAD scorer (stride 4) evaluated on the whole images it was prepared on."""
+    scorer = build_scorer(model, IMAGENET, num_candidates=num_candidates)
+    assert scorer.stride == 4
+    with torch.no_grad():
+        embedding = scorer.embed(images)
+        window = FeatureWindow.full(images.shape[0], (SIZE, SIZE), images.device)
+        return scorer.prepare(embedding, window)(embedding)
+
+
 @pytest.mark.parametrize("use_score_head", [True, False], ids=["score-head", "pseudo-huber"])
 def test_mlff_scores_are_mlffs_own_scores_floored_at_zero(use_score_head: bool) -> None:
     model = mlff(use_score_head)
-    scorer = build_scorer(model, IMAGENET, num_candidates=1)
-    assert scorer.stride == 4
     images = unit_images(2, seed=1)
+    scores = scores_at_the_initial_estimate(model, 1, images)
     with torch.no_grad():
-        embedding = scorer.embed(images)
-        scores = scorer.prepare(embedding, FeatureWindow.full(2, (SIZE, SIZE), images.device))(embedding)
         psi, head = model.extract_features(IMAGENET.from_unit(images))
     own = head if use_score_head else pseudo_huber_distance(psi)  # what MLFF upsamples into its anomaly map
     assert scores.shape == (2, SIZE // 4, SIZE // 4)
@@ -123,12 +130,9 @@ def test_mlff_scores_are_mlffs_own_scores_floored_at_zero(use_score_head: bool) 
 @pytest.mark.parametrize("use_lgffp", [True, False], ids=["lgffp", "padim-embedding"])
 def test_mffa_scores_at_the_initial_estimate_are_mffas_patch_score_product(use_lgffp: bool) -> None:
     model = mffa(use_lgffp)
-    scorer = build_scorer(model, IMAGENET, num_candidates=4)
-    assert scorer.stride == 4
     images = unit_images(2, seed=1)
+    scores = scores_at_the_initial_estimate(model, 4, images)
     with torch.no_grad():
-        embedding = scorer.embed(images)
-        scores = scorer.prepare(embedding, FeatureWindow.full(2, (SIZE, SIZE), images.device))(embedding)
         nns, gaussian = model.patch_scores(model.embed(IMAGENET.from_unit(images)))
     expected = F.interpolate(nns, size=gaussian.shape[-2:], mode="nearest") * gaussian
     assert scores.shape == (2, 16, 16)
