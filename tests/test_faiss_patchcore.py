@@ -71,6 +71,7 @@ def test_same_seed_gives_anomalib_patchcore_backbone_weights() -> None:
         assert torch.equal(tensor, expected[name]), name
 
 
+@pytest.mark.slow
 def test_auroc_equals_anomalib_patchcore_on_the_full_bank() -> None:
     """Exact mode, coreset = every embedding: only the pipeline (search, scoring, re-weighting) can differ."""
     _, _, ours = fitted(FaissPatchcore, coreset_sampling_ratio=1.0)
@@ -79,6 +80,7 @@ def test_auroc_equals_anomalib_patchcore_on_the_full_bank() -> None:
         assert ours[key] == pytest.approx(theirs[key], abs=0.005), (key, ours[key], theirs[key])
 
 
+@pytest.mark.slow
 def test_same_seed_gives_anomalib_patchcores_coreset_and_auroc_at_ten_percent() -> None:
     """Default ``seed=None``: the coreset follows ``seed_everything`` as anomalib's KCenterGreedy does."""
     ours_model, _, ours = fitted(FaissPatchcore, coreset_sampling_ratio=0.1)
@@ -88,6 +90,7 @@ def test_same_seed_gives_anomalib_patchcores_coreset_and_auroc_at_ten_percent() 
         assert ours[key] == pytest.approx(theirs[key], abs=0.005), (key, ours[key], theirs[key])
 
 
+@pytest.mark.slow
 def test_coreset_fit_keeps_ten_percent_and_approximate_search_keeps_the_auroc() -> None:
     exact_model, _, exact = fitted(FaissPatchcore, coreset_sampling_ratio=0.1)
     approximate_model, _, approximate = fitted(FaissPatchcore, coreset_sampling_ratio=0.1, approximate=True)
@@ -111,6 +114,7 @@ def sample_images(count: int = 4) -> torch.Tensor:
     return torch.stack([data.test_data[i].image for i in range(0, step * count, step)])
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip_restores_the_bank_and_rebuilds_the_index(tmp_path: Path) -> None:
     model, engine, _ = fitted(FaissPatchcore, coreset_sampling_ratio=0.1, approximate=True)
     path = tmp_path / "faiss_patchcore.ckpt"
@@ -124,6 +128,7 @@ def test_checkpoint_round_trip_restores_the_bank_and_rebuilds_the_index(tmp_path
     assert restored.model.bank._index is not None  # noqa: SLF001
 
 
+@pytest.mark.slow
 def test_openvino_export_matches_torch_at_f32(tmp_path: Path) -> None:
     model, engine, _ = fitted(FaissPatchcore, coreset_sampling_ratio=0.1)
     exported = engine.export(model, export_type="openvino", export_root=tmp_path)
@@ -135,6 +140,7 @@ def test_openvino_export_matches_torch_at_f32(tmp_path: Path) -> None:
         np.testing.assert_allclose(np.asarray(result.anomaly_map), expected[index : index + 1].numpy(), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_budget_smaller_than_the_training_embeddings_streams_through_reductions() -> None:
     """The fit reduces its candidates within the budget and still keeps 10% of every embedding it saw.
 
@@ -161,6 +167,7 @@ def test_a_budget_smaller_than_the_training_embeddings_streams_through_reduction
     assert model.model.memory_bank.shape[0] == int(seen * 0.1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", [None, KeyboardInterrupt, MemoryError])
 def test_a_fit_interrupted_while_choosing_the_coreset_writes_no_checkpoint(
     fault: type[BaseException] | None, monkeypatch: pytest.MonkeyPatch

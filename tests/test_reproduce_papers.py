@@ -53,6 +53,7 @@ def dry_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "out"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_embedded_dry_run_writes_the_papers_table_and_chart(dry_run: Path) -> None:
     """Every model measured beside the papers' means; the chart is written."""
@@ -67,6 +68,7 @@ def test_embedded_dry_run_writes_the_papers_table_and_chart(dry_run: Path) -> No
     assert (dry_run / "papers.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_benchmark_layer_merges_models_with_different_arguments(dry_run: Path) -> None:
     """anomalib's pipeline, once per model, gives one table: the union of the models' columns."""
     table = pd.read_csv(dry_run / "benchmark" / "results.csv")
