@@ -49,6 +49,7 @@ def coverage_radius(embeddings: torch.Tensor, indices: torch.Tensor) -> float:
     return float(torch.cdist(embeddings, embeddings[indices]).amin(dim=1).max())
 
 
+@pytest.mark.slow  # three runs of anomalib's KCenterGreedy on PatchCore embeddings
 def test_coverage_radius_within_5_percent_of_kcenter_greedy() -> None:
     embeddings = patch_embeddings()
     ratios = []

@@ -79,8 +79,10 @@ def ddp_fit(model_name: str, tmp_path: Path, devices: int) -> Path:
     return checkpoint
 
 
+@pytest.mark.slow
 def test_ddp_faiss_patchcore_checkpoint_holds_the_whole_bank_and_scores_as_one_process(tmp_path: Path) -> None:
-    """Coreset ratio 1: the 2-rank bank must hold every training embedding, as one process's does."""
+    """Coreset ratio 1: the 2-rank bank holds every training embedding, as one process's does, and scores the
+    same: the same rows in another order give the same nearest neighbours, so the AUROCs agree to float noise."""
     model = FaissPatchcore.load_from_checkpoint(ddp_fit("faiss_patchcore", tmp_path, devices=2))
     data = helpers.datamodule(batch_size=8)
     single = tiny("faiss_patchcore")
@@ -93,9 +95,10 @@ def test_ddp_faiss_patchcore_checkpoint_holds_the_whole_bank_and_scores_as_one_p
     ddp_scores = engine.test(model, datamodule=data, verbose=False)[0]
     single_scores = engine.test(single, datamodule=data, verbose=False)[0]
     for key in ("image_AUROC", "pixel_AUROC"):
-        assert ddp_scores[key] == pytest.approx(single_scores[key], abs=0.005), key
+        assert ddp_scores[key] == pytest.approx(single_scores[key], abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_ddp_mffa_trains_psg_and_fills_the_whole_bank_and_the_gaussians(tmp_path: Path) -> None:
     checkpoint = ddp_fit("mffa", tmp_path, devices=2)
     model = MFFA.load_from_checkpoint(checkpoint)

@@ -20,6 +20,8 @@ from anomalib_mlff import F2PAD, Dice, IoU
 from anomalib_mlff.data import EMBEDDED_ROOT
 from anomalib_mlff.deploy import openvino_inferencer
 
+pytestmark = pytest.mark.slow  # every test here fits a model
+
 SIZE = 64
 SMALL = {"dilation": 3, "crop_margin": 16, "reach": 8, "max_iterations": 15, "reestimation_iterations": 5}
 

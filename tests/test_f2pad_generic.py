@@ -172,6 +172,7 @@ MODELS = {  # model class, its arguments, training epochs, defective test images
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(MODELS))
 def test_engine_test_refines_a_model_without_scorer(name: str, tmp_path: Path) -> None:
     """Fit, validate (F1-optimal pixel threshold) and test: F2PAD's IoU beats the backbone's mask."""

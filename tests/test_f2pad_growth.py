@@ -55,6 +55,7 @@ def partly_masked_magenta() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return image, truth, start
 
 
+@pytest.mark.slow
 def test_refine_recovers_the_part_of_a_defect_the_initial_mask_missed() -> None:
     """PaDiM at 64 px; a magenta square whose initial mask covers its left quarter: growth reaches the rest."""
     image, truth, start = partly_masked_magenta()
@@ -68,6 +69,7 @@ def test_refine_recovers_the_part_of_a_defect_the_initial_mask_missed() -> None:
     assert torch.equal(grown.pred_mask, grown.anomaly_map(SMALL.mask_threshold) > 0.5)
 
 
+@pytest.mark.slow
 def test_growth_needs_a_fitted_prior_and_is_off_without_one() -> None:
     image, _, start = partly_masked_magenta()
     scorer = build_scorer(padim(), IMAGENET, num_candidates=5)

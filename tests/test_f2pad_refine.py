@@ -39,6 +39,7 @@ def initial_mask(model: torch.nn.Module, image: torch.Tensor, truth: torch.Tenso
     return anomaly_map > candidates[int(torch.tensor(f1).argmax())]
 
 
+@pytest.mark.slow
 def test_an_optimisation_run_lowers_the_objective() -> None:
     image, truth = defect_image()
     scorer = build_scorer(patchcore(), IMAGENET, num_candidates=5)
@@ -71,6 +72,7 @@ def test_an_optimisation_run_lowers_the_objective() -> None:
     assert torch.equal(normal[outside], observed[outside])  # only the region moves
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", [patchcore, padim], ids=["patchcore", "padim"])
 def test_refined_mask_beats_the_initial_mask_on_a_synthetic_defect(model) -> None:  # noqa: ANN001
     image, truth = defect_image()
@@ -110,6 +112,7 @@ def test_an_empty_initial_mask_returns_at_once_with_an_empty_mask() -> None:
     assert torch.all(result.iterations == 0)
 
 
+@pytest.mark.slow
 def test_only_images_with_a_mask_are_refined() -> None:
     image, truth = defect_image()
     masks = torch.stack([torch.zeros_like(truth), dilate(truth[None], 2)[0]])
@@ -119,6 +122,7 @@ def test_only_images_with_a_mask_are_refined() -> None:
     assert result.pred_mask[1].any() and result.iterations[1] > 0
 
 
+@pytest.mark.slow
 def test_images_of_another_size_than_the_model_input_are_refined_at_the_model_size() -> None:
     large, truth = defect_image(size=96)
     scorer = build_scorer(padim(), IMAGENET, num_candidates=5)  # PaDiM only scores its 64 px grid
@@ -128,6 +132,7 @@ def test_images_of_another_size_than_the_model_input_are_refined_at_the_model_si
     assert iou(result.pred_mask[0], truth) > 0.5
 
 
+@pytest.mark.slow
 def test_inpainting_the_dilated_region_starts_away_from_a_defect_the_initial_mask_half_covers() -> None:
     """A coarse mask over only part of the defect: inpainted alone, the start keeps the observed defect in the rest
     of it; inpainting the dilated region replaces those pixels too (from outside it), and the mask is no worse."""
@@ -215,6 +220,7 @@ def test_median_filter_drops_isolated_pixels_and_fills_speckle_inside_a_defect()
     assert not outside.any()  # confined to the region
 
 
+@pytest.mark.slow
 def test_refined_mask_is_the_filtered_magnitude_above_the_threshold() -> None:
     image, truth = defect_image()
     scorer = build_scorer(patchcore(), IMAGENET, num_candidates=5)

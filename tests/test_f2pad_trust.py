@@ -30,6 +30,7 @@ def test_explained_is_the_share_of_the_inpainting_drop_the_recovered_image_achie
     torch.testing.assert_close(explained(observed, start, recovered), torch.tensor([1.0, 0.5, 0.0, 1.0]))
 
 
+@pytest.mark.slow
 def test_a_refinement_made_to_fail_keeps_the_backbone_mask() -> None:
     image, truth = defect_image()
     start_mask = initial_mask(patchcore(), image, truth)
@@ -46,6 +47,7 @@ def test_a_refinement_made_to_fail_keeps_the_backbone_mask() -> None:
     assert torch.equal(result.pred_mask[0], start_mask)
 
 
+@pytest.mark.slow
 def test_a_successful_refinement_is_trusted() -> None:
     image, truth = defect_image()
     start_mask = initial_mask(patchcore(), image, truth)
@@ -76,6 +78,7 @@ class FlooredScorer(DifferentiableScorer):
         return lambda embedding: (scores(embedding) - offset).clamp_min(0)
 
 
+@pytest.mark.slow
 def test_a_collapsed_feature_scale_falls_back_and_the_mask_still_improves() -> None:
     image, truth = defect_image()
     start_mask = initial_mask(patchcore(), image, truth)
@@ -153,6 +156,7 @@ def _small_kwargs() -> dict:
     return {"dilation": 3, "crop_margin": 16, "reach": 8, "max_iterations": 15, "reestimation_iterations": 5}
 
 
+@pytest.mark.slow
 def test_calibration_is_deterministic_and_tries_every_weight() -> None:
     normals = load_images("test/good", 3)
     scorer = build_scorer(patchcore(), IMAGENET, num_candidates=5)

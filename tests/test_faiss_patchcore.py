@@ -71,6 +71,7 @@ def test_same_seed_gives_anomalib_patchcore_backbone_weights() -> None:
         assert torch.equal(tensor, expected[name]), name
 
 
+@pytest.mark.slow
 def test_auroc_equals_anomalib_patchcore_on_the_full_bank() -> None:
     """Exact mode, coreset = every embedding: only the pipeline (search, scoring, re-weighting) can differ."""
     _, _, ours = fitted(FaissPatchcore, coreset_sampling_ratio=1.0)
@@ -79,6 +80,7 @@ def test_auroc_equals_anomalib_patchcore_on_the_full_bank() -> None:
         assert ours[key] == pytest.approx(theirs[key], abs=0.005), (key, ours[key], theirs[key])
 
 
+@pytest.mark.slow
 def test_same_seed_gives_anomalib_patchcores_coreset_and_auroc_at_ten_percent() -> None:
     """Default ``seed=None``: the coreset follows ``seed_everything`` as anomalib's KCenterGreedy does."""
     ours_model, _, ours = fitted(FaissPatchcore, coreset_sampling_ratio=0.1)
@@ -88,6 +90,7 @@ def test_same_seed_gives_anomalib_patchcores_coreset_and_auroc_at_ten_percent() 
         assert ours[key] == pytest.approx(theirs[key], abs=0.005), (key, ours[key], theirs[key])
 
 
+@pytest.mark.slow
 def test_coreset_fit_keeps_ten_percent_and_approximate_search_keeps_the_auroc() -> None:
     exact_model, _, exact = fitted(FaissPatchcore, coreset_sampling_ratio=0.1)
     approximate_model, _, approximate = fitted(FaissPatchcore, coreset_sampling_ratio=0.1, approximate=True)
@@ -111,6 +114,7 @@ def sample_images(count: int = 4) -> torch.Tensor:
     return torch.stack([data.test_data[i].image for i in range(0, step * count, step)])
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip_restores_the_bank_and_rebuilds_the_index(tmp_path: Path) -> None:
     model, engine, _ = fitted(FaissPatchcore, coreset_sampling_ratio=0.1, approximate=True)
     path = tmp_path / "faiss_patchcore.ckpt"
@@ -124,6 +128,7 @@ def test_checkpoint_round_trip_restores_the_bank_and_rebuilds_the_index(tmp_path
     assert restored.model.bank._index is not None  # noqa: SLF001
 
 
+@pytest.mark.slow
 def test_openvino_export_matches_torch_at_f32(tmp_path: Path) -> None:
     model, engine, _ = fitted(FaissPatchcore, coreset_sampling_ratio=0.1)
     exported = engine.export(model, export_type="openvino", export_root=tmp_path)
@@ -135,11 +140,12 @@ def test_openvino_export_matches_torch_at_f32(tmp_path: Path) -> None:
         np.testing.assert_allclose(np.asarray(result.anomaly_map), expected[index : index + 1].numpy(), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_budget_smaller_than_the_training_embeddings_streams_through_reductions() -> None:
     """The fit reduces its candidates within the budget and still keeps 10% of every embedding it saw.
 
-    A store built with the ratio unknown (1.0) refused its first reduction: any training set larger than
-    the budget stopped with the "budget too small" error, which only bench_scale.py's 1,000 images hit.
+    The store must know the coreset ratio from its first reduction on: a store that assumed ratio 1 would
+    refuse any training set larger than the budget.
     """
     model = build(FaissPatchcore, coreset_sampling_ratio=0.1, memory_budget_mb=6, seed=SEED)
     store = model.model.embedding_store
@@ -161,6 +167,7 @@ def test_a_budget_smaller_than_the_training_embeddings_streams_through_reduction
     assert model.model.memory_bank.shape[0] == int(seen * 0.1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", [None, KeyboardInterrupt, MemoryError])
 def test_a_fit_interrupted_while_choosing_the_coreset_writes_no_checkpoint(
     fault: type[BaseException] | None, monkeypatch: pytest.MonkeyPatch
@@ -189,3 +196,13 @@ def test_a_fit_interrupted_while_choosing_the_coreset_writes_no_checkpoint(
         pass  # Lightning stops a KeyboardInterrupt gracefully (or exits); a MemoryError propagates
     assert not list(root.rglob("*.ckpt"))
     assert model.model.memory_bank.shape[0] == 0  # nothing half-fitted in memory either
+
+
+def test_a_budget_too_small_for_the_coreset_is_refused_before_embedding_anything() -> None:
+    model = build(FaissPatchcore, coreset_sampling_ratio=0.1, memory_budget_mb=0.5, seed=SEED)
+    engine = Engine(default_root_dir=mkdtemp(dir=RUNS.name), logger=False,
+                    enable_progress_bar=False, enable_model_summary=False)
+    refusal = r"memory_budget_mb=0.5 is too small.*training embeddings.*memory_budget_mb >= "
+    with pytest.raises(ValueError, match=refusal):
+        engine.fit(model, datamodule=datamodule())
+    assert model.model.embedding_store.seen == 0  # refused in on_fit_start, not after the embedding pass

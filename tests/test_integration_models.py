@@ -22,6 +22,8 @@ from lightning.pytorch import seed_everything
 from anomalib_mlff.registry import MODELS
 from tests import lightning_helpers as helpers
 
+pytestmark = pytest.mark.slow  # every test here fits a model
+
 #: Per-model settings on top of the generic ones: CPU sizes, and the CaiT that matches resnet18's width.
 SIZES: dict[str, dict[str, object]] = {
     "MLFF": {"feature_dim": 16, "tem_levels": 8, "ptfem_levels": 4, "repeat": 1, "epochs": 1, "learning_rate": 0.01},

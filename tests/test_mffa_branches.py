@@ -238,6 +238,7 @@ def test_pseudo_sample_batch_holds_normal_cutpaste_and_scar_images() -> None:
     assert torch.equal(batch, again)
 
 
+@pytest.mark.slow
 def test_psg_fine_tuning_lowers_the_classification_loss() -> None:
     """The backbone and classifier MFFA trains, with its SGD settings but a larger step, on one tiny batch."""
     torch.manual_seed(0)

@@ -37,12 +37,14 @@ def test_startup_hook_imports_nothing_heavy(run_python) -> None:  # noqa: ANN001
     assert result.stdout.strip() == "mlff []"
 
 
+@pytest.mark.slow  # fresh interpreters importing anomalib
 def test_get_model_short_name_after_import(run_python) -> None:  # noqa: ANN001
     result = run_python(CHECK_GET_MODEL)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[-3:] == ["anomalib_mlff.models.mlff.lightning_model", "MLFF", "True"]
 
 
+@pytest.mark.slow  # fresh interpreters importing anomalib
 def test_cli_resolves_short_name_editable_install(tmp_path: Path) -> None:
     """`anomalib train --model MLFF` with the environment's own `anomalib` script."""
     result = subprocess.run(  # noqa: S603
@@ -86,6 +88,7 @@ def installed_wheel_python(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(venv / "bin" / "python")
 
 
+@pytest.mark.slow  # fresh interpreters importing anomalib
 def test_wheel_install_registers_models(installed_wheel_python: str, run_python) -> None:  # noqa: ANN001
     where = run_python("import anomalib_mlff; print(anomalib_mlff.__file__)", python=installed_wheel_python)
     assert where.returncode == 0, where.stderr
@@ -100,6 +103,7 @@ def test_wheel_install_registers_models(installed_wheel_python: str, run_python)
     assert model.stdout.split()[-2:] == ["MLFF", "True"]
 
 
+@pytest.mark.slow  # fresh interpreters importing anomalib
 def test_unknown_model_still_fails_cleanly(run_python) -> None:  # noqa: ANN001
     """Registration must not make anomalib accept names it does not know."""
     result = run_python("from anomalib.models import get_model; get_model('not_a_model')")
@@ -144,6 +148,7 @@ def first_import_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, sub
     }
 
 
+@pytest.mark.slow  # fresh interpreters importing anomalib
 @pytest.mark.parametrize("first_import", FIRST_IMPORTS)
 def test_registration_whatever_is_imported_first(first_import_runs, first_import: str) -> None:  # noqa: ANN001
     """A module of ours that itself triggers anomalib's import must not half-register the models."""

@@ -64,6 +64,7 @@ def dry_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "out"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_embedded_dry_run_writes_the_papers_table_and_chart(dry_run: Path) -> None:
     """Every model measured beside the papers' means; the chart is written."""
@@ -131,6 +132,7 @@ def test_online_settings_are_the_papers() -> None:
     assert runs[("PaDiM", "paper")]["model_arguments"]["n_features"] == 100
 
 
+@pytest.mark.slow
 def test_benchmark_layer_merges_models_with_different_arguments(dry_run: Path) -> None:
     """anomalib's pipeline, once per model, gives one table: the union of the models' columns."""
     table = pd.read_csv(dry_run / "benchmark" / "results.csv")

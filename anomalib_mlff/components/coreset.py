@@ -14,7 +14,15 @@ Two exact implementations of that rule, chosen by device:
 * :func:`dense_greedy` (GPU). One fused ``addmv`` + ``minimum`` + ``argmax`` per step over all
   points, with no host synchronisation; the GPU's memory bandwidth makes that the fast choice.
 
-Both return the same selection (up to float ties) and are deterministic under a seed.
+Both return the same selection (up to float ties) and are deterministic under a seed, together
+with the selection's covering radius (the largest distance from any point to its nearest chosen
+one, in the space the greedy measured) and the number of point-centre distances it evaluated:
+:func:`greedy_selection` returns all three, so that a caller chaining selections (the streaming
+coreset) can state and check its radius bound and count its work.
+
+anomalib's ``KCenterGreedy`` implements the same rule with one dense pass per step and no radius;
+the selections here are exact re-implementations of it (``seed=None`` reproduces its indices), not
+a second rule.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -44,6 +53,8 @@ __all__ = [
     "dense_greedy",
     "greedy_coreset",
     "greedy_coreset_of_size",
+    "greedy_selection",
+    "GreedySelection",
     "lazy_greedy",
     "random_projection",
     "validate_embeddings",
@@ -125,6 +136,18 @@ def greedy_coreset(
     return greedy_coreset_of_size(embeddings, coreset_size(embeddings.shape[0], sampling_ratio), seed, progress)
 
 
+class GreedySelection(NamedTuple):
+    """A greedy k-center selection with its covering radius and its cost."""
+
+    #: ``int64`` indices of the chosen points, the start first, on the points' device.
+    indices: torch.Tensor
+    #: Largest distance from any point to its nearest chosen one, in the space the greedy measured
+    #: (after the random projection unless ``project=False``); 0 when every point is chosen.
+    radius: float
+    #: Point-centre distances evaluated (the work, independent of the machine's speed).
+    distances: int
+
+
 def greedy_coreset_of_size(
     embeddings: torch.Tensor,
     size: int,
@@ -134,18 +157,32 @@ def greedy_coreset_of_size(
 ) -> torch.Tensor:
     """Indices of a greedy k-center coreset of ``size`` (in ``[1, count]``) of valid ``embeddings``.
 
-    As :func:`greedy_coreset`, with the size given instead of a ratio.
+    As :func:`greedy_coreset`, with the size given instead of a ratio; :func:`greedy_selection`
+    also returns the covering radius and the work.
+    """
+    return greedy_selection(embeddings, size, seed, progress, project).indices
+
+
+def greedy_selection(
+    embeddings: torch.Tensor,
+    size: int,
+    seed: int | None = 0,
+    progress: bool = True,
+    project: bool = True,
+) -> GreedySelection:
+    """Greedy k-center coreset of ``size`` (in ``[1, count]``) of valid ``embeddings``, with its radius and work.
 
     ``project=False`` measures exact distances instead of projected ones (slower on wide
-    embeddings, no projected copy): the streaming coreset's intermediate reductions use it, so
-    their error does not add the projection's distortion to the final pass's.
+    embeddings, no projected copy), so the radius is in the embeddings' own space: the streaming
+    coreset's chunk reductions use it, so their error does not add the projection's distortion to
+    the final pass's, and their radii bound the streamed coreset's.
     """
     count = embeddings.shape[0]
     if not 1 <= size <= count:
         msg = f"coreset size must be in [1, {count}] (the number of embeddings), got {size}."
         raise ValueError(msg)
     if size == count:
-        return torch.arange(count, device=embeddings.device)
+        return GreedySelection(torch.arange(count, device=embeddings.device), 0.0, 0)
     if seed is None:
         features = anomalib_projection(embeddings) if project else embeddings.float().contiguous()
         start = int(torch.randint(high=count, size=(1,), device=features.device))
@@ -153,8 +190,12 @@ def greedy_coreset_of_size(
         generator = torch.Generator().manual_seed(seed)
         features = random_projection(embeddings, generator) if project else embeddings.float().contiguous()
         start = int(torch.randint(count, (1,), generator=generator))
-    select = dense_greedy if features.is_cuda else lazy_greedy
-    return select(features, size, start, progress)
+    if features.is_cuda:
+        indices, radius_sq, distances = _dense_greedy(features, size, start, progress)
+    else:
+        with _one_torch_thread():
+            indices, radius_sq, distances = _lazy_greedy(features, size, start, progress)
+    return GreedySelection(indices, math.sqrt(max(radius_sq, 0.0)), distances)
 
 
 def _progress(size: int, progress: bool) -> tqdm:
@@ -167,6 +208,11 @@ def dense_greedy(features: torch.Tensor, size: int, start: int, progress: bool =
     Squared distances ``|x|^2 - 2 x.c + |c|^2`` come from one ``addmv``; the chosen index stays a
     device tensor, so the loop never waits for the GPU.
     """
+    return _dense_greedy(features, size, start, progress)[0]
+
+
+def _dense_greedy(features: torch.Tensor, size: int, start: int, progress: bool) -> tuple[torch.Tensor, float, int]:
+    """Indices, squared covering radius and distances evaluated of the dense greedy."""
     count = features.shape[0]
     norms = features.square().sum(dim=1)
     min_sq = torch.full((count,), math.inf, device=features.device)
@@ -182,7 +228,8 @@ def dense_greedy(features: torch.Tensor, size: int, start: int, progress: bool =
             min_sq.index_fill_(0, index, -math.inf)  # never chosen twice, even among duplicates
             index = torch.argmax(min_sq).unsqueeze(0)
             bar.update()
-    return selected
+    # after the last step min_sq holds every point's distance to all chosen ones (chosen: -inf)
+    return selected, float(min_sq.index_select(0, index)), count * size
 
 
 @contextmanager
@@ -205,10 +252,15 @@ def lazy_greedy(features: torch.Tensor, size: int, start: int, progress: bool = 
     barriers would cost more than they save (on a busy 2-core machine, 20x more).
     """
     with _one_torch_thread():
-        return _lazy_greedy(features, size, start, progress)
+        return _lazy_greedy(features, size, start, progress)[0]
 
 
-def _lazy_greedy(features: torch.Tensor, size: int, start: int, progress: bool) -> torch.Tensor:
+def _lazy_greedy(features: torch.Tensor, size: int, start: int, progress: bool) -> tuple[torch.Tensor, float, int]:
+    """Indices, squared covering radius and distances evaluated of the lazy greedy.
+
+    After the last step the loop has already brought the top block up to date with every centre
+    (to pick the next point): its maximum is the covering radius.
+    """
     count, dim = features.shape
     norms = features.square().sum(dim=1)
     min_sq = torch.full((count,), math.inf)
@@ -219,6 +271,7 @@ def _lazy_greedy(features: torch.Tensor, size: int, start: int, progress: bool) 
     bound = np.full(num_blocks, np.inf)  # upper bound on each block's largest squared distance
     selected = torch.empty(size, dtype=torch.long)
     index = start
+    distances = 0
     with _progress(size, progress) as bar:
         for step in range(size):
             selected[step] = index
@@ -232,11 +285,12 @@ def _lazy_greedy(features: torch.Tensor, size: int, start: int, progress: bool) 
                 bound[block] = _apply_centres(
                     features, norms, min_sq, block, centres, centre_norms, seen[block], step + 1
                 )
+                distances += min(BLOCK_SIZE, count - block * BLOCK_SIZE) * int(step + 1 - seen[block])
                 seen[block] = step + 1
             first = block * BLOCK_SIZE
             index = first + int(min_sq[first : first + BLOCK_SIZE].argmax())
             bar.update()
-    return selected
+    return selected, float(min_sq[index]), distances
 
 
 def _apply_centres(

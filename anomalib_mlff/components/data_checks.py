@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -114,3 +115,17 @@ def check_before_fit(datamodule: Any, skip_bad_images: bool = False) -> int:  # 
         return -1
     check_image_files(datamodule, skip_bad=skip_bad_images)
     return require_training_images(datamodule)
+
+
+def first_training_image(datamodule: Any, pre_processor: Any) -> torch.Tensor | None:  # noqa: ANN401
+    """The first training image as the model sees it, ``(1, C, H, W)`` after ``pre_processor``'s transform.
+
+    ``None`` when the datamodule has no indexable training set. Used to size the training set's
+    embeddings (images x patches per image) before any of them is computed.
+    """
+    train_data = getattr(datamodule, "train_data", None)
+    if train_data is None or len(train_data) == 0:
+        return None
+    image = train_data[0].image.unsqueeze(0)
+    transform = getattr(pre_processor, "transform", None)
+    return transform(image) if transform is not None else image

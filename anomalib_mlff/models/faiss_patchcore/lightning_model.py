@@ -28,9 +28,9 @@ from anomalib.models.components import AnomalibModule
 from anomalib.visualization import Visualizer
 from torch import nn
 
-from anomalib_mlff.components.data_checks import check_before_fit
+from anomalib_mlff.components.data_checks import check_before_fit, first_training_image
 from anomalib_mlff.components.memory_bank import FaissMemoryBank
-from anomalib_mlff.components.streaming_coreset import DEFAULT_MEMORY_BUDGET_MB
+from anomalib_mlff.components.streaming_coreset import DEFAULT_MEMORY_BUDGET_MB, DEFAULT_OVERSAMPLING, embedding_rows
 
 from .torch_model import FaissPatchcoreModel
 
@@ -53,8 +53,13 @@ class FaissPatchcore(Patchcore, AnomalibModule):
         search_budget_mb: memory cap of one distance block in torch search (export, CUDA without faiss-gpu).
         shards: CPU shards of the search index; gpus: GPUs a CUDA bank is sharded across (-1: all).
         memory_budget_mb: memory for the training embeddings while the coreset is chosen (per rank);
-            a larger training set streams through it (see :class:`StreamingCoreset`). Within the
-            budget the coreset is exactly the all-in-memory one.
+            they stream through it in chunks (see :class:`StreamingCoreset` and ``components/SCALING.md``).
+            A budget that cannot hold the coreset is refused before the first image is embedded. At
+            ratio >= 0.1 within the budget the coreset is exactly the all-in-memory one.
+        coreset_oversampling: each chunk of training embeddings is reduced on its own to this many times
+            its share of the coreset before the final greedy (the streamed fit's time stays linear in the
+            images). ``None``: no chunk reduction, so within the budget the coreset is exactly the
+            all-in-memory one (anomalib's at ``seed=None``) at any ratio.
         seed: seeds the coreset's random projection and start. ``None`` (default): both come from
             the global RNGs as in anomalib's ``KCenterGreedy``, so under the same ``seed_everything``
             the coreset, and the scores, are anomalib Patchcore's.
@@ -77,6 +82,7 @@ class FaissPatchcore(Patchcore, AnomalibModule):
         nprobe: int = 16,
         search_budget_mb: float = 256.0,
         memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+        coreset_oversampling: float | None = DEFAULT_OVERSAMPLING,
         shards: int = 1,
         gpus: int = 1,
         seed: int | None = None,
@@ -126,11 +132,20 @@ class FaissPatchcore(Patchcore, AnomalibModule):
             bank=bank,
             memory_budget_mb=memory_budget_mb,
             coreset_sampling_ratio=coreset_sampling_ratio,
+            coreset_oversampling=coreset_oversampling,
         ).to(dtype)
 
     def on_fit_start(self) -> None:
-        """Before embedding anything: every image file readable, at least one training image."""
-        check_before_fit(getattr(self.trainer, "datamodule", None), self.skip_bad_images)
+        """Before embedding anything: every image file readable, at least one training image, and a
+        ``memory_budget_mb`` that holds the coreset of all training embeddings (images x patches)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        images = check_before_fit(datamodule, self.skip_bad_images)
+        image = first_training_image(datamodule, self.pre_processor) if images > 0 else None
+        if image is not None:
+            rows, dim = embedding_rows(self.model, self.model.embed, image.to(self.device))
+            store = self.model.embedding_store
+            store.sampling_ratio = self.coreset_sampling_ratio
+            store.check_budget(images * rows, dim, ranks=self.trainer.world_size)
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:

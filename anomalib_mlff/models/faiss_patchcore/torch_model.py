@@ -15,7 +15,11 @@ import torch
 from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 
 from anomalib_mlff.components.memory_bank import FaissMemoryBank
-from anomalib_mlff.components.streaming_coreset import DEFAULT_MEMORY_BUDGET_MB, StreamingCoreset
+from anomalib_mlff.components.streaming_coreset import (
+    DEFAULT_MEMORY_BUDGET_MB,
+    DEFAULT_OVERSAMPLING,
+    StreamingCoreset,
+)
 
 __all__ = ["FaissPatchcoreModel"]
 
@@ -32,6 +36,7 @@ class FaissPatchcoreModel(PatchcoreModel):
         memory_budget_mb: memory for the training embeddings kept while the coreset is streamed.
         coreset_sampling_ratio: share of the training embeddings the bank keeps. The streamed store needs it from
             the first reduction on (a reduction may not drop below the coreset of what it has seen).
+        coreset_oversampling: chunk reductions keep this many times a chunk's share of the coreset (``None``: none).
     """
 
     def __init__(
@@ -43,13 +48,18 @@ class FaissPatchcoreModel(PatchcoreModel):
         bank: FaissMemoryBank | None = None,
         memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
         coreset_sampling_ratio: float = 0.1,
+        coreset_oversampling: float | None = DEFAULT_OVERSAMPLING,
     ) -> None:
         super().__init__(layers=layers, backbone=backbone, pre_trained=pre_trained, num_neighbors=num_neighbors)
         del self.memory_bank  # anomalib's buffer; the bank's buffer takes its place (see the property)
         self.bank = bank if bank is not None else FaissMemoryBank()
         # anomalib passes the ratio again to subsample_embedding, which sets it once more.
         self.embedding_store = StreamingCoreset(
-            coreset_sampling_ratio, memory_budget_mb, seed=self.bank.seed, progress=self.bank.progress
+            coreset_sampling_ratio,
+            memory_budget_mb,
+            seed=self.bank.seed,
+            progress=self.bank.progress,
+            oversampling=coreset_oversampling,
         )
 
     @property
@@ -60,6 +70,13 @@ class FaissPatchcoreModel(PatchcoreModel):
     @memory_bank.setter
     def memory_bank(self, vectors: torch.Tensor) -> None:
         self.bank.set_memory(vectors)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, dim, h, w)`` PatchCore embedding of ``images``, as ``forward`` computes it (not stored)."""
+        with torch.no_grad():
+            features = self.feature_extractor(images.type(self.memory_bank.dtype))
+        features = {layer: self.feature_pooler(feature) for layer, feature in features.items()}
+        return self.generate_embedding(features)
 
     def subsample_embedding(self, sampling_ratio: float) -> None:
         """Fit the bank with the greedy coreset of the streamed training embeddings (of all DDP ranks)."""

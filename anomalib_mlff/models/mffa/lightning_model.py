@@ -40,7 +40,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
 from anomalib_mlff.components.normalization import PixelRange
-from anomalib_mlff.components.data_checks import describe_datamodule
+from anomalib_mlff.components.data_checks import describe_datamodule, first_training_image
 from anomalib_mlff.components.lightning import PseudoAnomalyMixin
 
 from .gaussian import MIN_GAUSSIAN_IMAGES
@@ -156,7 +156,8 @@ class MFFA(PseudoAnomalyMixin, AnomalibModule):
         return self.current_epoch >= self.trainer.max_epochs - 1
 
     def on_fit_start(self) -> None:
-        """Fail early, naming the dataset, when there are too few training images; reset the PSG draws."""
+        """Fail early, naming the dataset, when there are too few training images or ``memory_budget_mb`` cannot hold
+        the NNS coreset (before any image is embedded); reset the PSG draws."""
         count = self.count_training_images()
         if self.model.gaussian is not None and 0 <= count < MIN_GAUSSIAN_IMAGES:
             msg = (
@@ -165,6 +166,9 @@ class MFFA(PseudoAnomalyMixin, AnomalibModule):
                 "use_gaussian=False."
             )
             raise ValueError(msg)
+        image = first_training_image(self.trainer.datamodule, self.pre_processor) if count > 0 else None
+        if image is not None and self.model.nns is not None:  # a budget too small for the coreset stops here
+            self.model.nns.check_budget(self.model, count, image.to(self.device), self.trainer.world_size)
         self._pseudo_generator.manual_seed(self.seed)
 
     def on_train_epoch_start(self) -> None:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from anomalib_mlff.components.memory_bank import FaissMemoryBank
 from anomalib_mlff.components.model_checks import capturing_graph
-from anomalib_mlff.components.streaming_coreset import DEFAULT_MEMORY_BUDGET_MB, StreamingCoreset
+from anomalib_mlff.components.streaming_coreset import DEFAULT_MEMORY_BUDGET_MB, StreamingCoreset, embedding_rows
 
 from .lgffp import resize_to
 
@@ -65,6 +65,12 @@ class NNSBranch(nn.Module):
     def finish(self) -> None:
         """Fill the memory bank with the coreset of everything accumulated (of all DDP ranks)."""
         self.bank.set_memory(self.store.finish(device=self.bank.memory_bank.device))
+
+    def check_budget(self, model: nn.Module, images: int, image: Tensor, ranks: int = 1) -> None:
+        """Raise ``ValueError`` naming ``memory_budget_mb`` unless it holds the coreset of ``images`` training
+        images; ``model.embed(image)`` (one image, eval mode) gives the rows per image and their width."""
+        rows, dim = embedding_rows(model, lambda batch: model.embed(batch).nns, image)
+        self.store.check_budget(images * rows, dim, ranks=ranks)
 
     def fit(self, embeddings: Tensor) -> None:
         """Fill the memory bank from ``(N, C, h, w)`` training embeddings (coreset subsampled)."""
