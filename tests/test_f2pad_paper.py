@@ -28,7 +28,7 @@ PAPER = {
     "median_size": 1,
     "colour_growth": None,
     "min_explained": 0.0,
-    "max_mask_growth": None,
+    "max_unexplained_area": None,
     "scale_feature_term": False,
 }
 

@@ -18,8 +18,7 @@
    at most ``growth_margin`` pixels beyond R (``colour_growth``, :mod:`growth`).
 6. Re-estimation: minimise J again without the sparsity term, over the final mask only, to recover X_N.
 7. Trust (:mod:`trust`): an image keeps its initial mask where the refined one explains too little of the score
-   R's inpainting removes (``min_explained``) or covers far more than the area whose score it lowers
-   (``max_mask_growth``).
+   R's inpainting removes (``min_explained``) or lies mostly where it lowers no score (``max_unexplained_area``).
 Images of another size than ``working_size`` are resized to it and the results resized back.
 """
 
@@ -39,7 +38,7 @@ from .optimizer import GradientSharing, OptimizerSettings, check_finite, minimis
 from .prior import PixelPrior
 from .scorers import DifferentiableScorer
 from .settings import F2PADSettings
-from .trust import explained, mask_growth
+from .trust import explained, unexplained_area
 from .window import dilate, positions_touched
 
 
@@ -98,10 +97,10 @@ class Refinement:
         iterations: optimiser iterations per image (all solves), ``(B,)``.
         explained: share of the anomaly score that R inpainted removes which the recovered normal image
             removes too, changing only the refined mask's pixels, ``(B,)`` (:func:`.trust.explained`).
-        mask_growth: the refined mask's area over the area whose scores it lowers, ``(B,)``
-            (:func:`.trust.mask_growth`).
+        unexplained_area: share of the refined mask lying where it lowers no score, ``(B,)``
+            (:func:`.trust.unexplained_area`).
         fallback: images whose refinement was not trusted (``explained < min_explained`` or
-            ``mask_growth > max_mask_growth``) and whose ``pred_mask`` is the initial mask, ``(B,)`` bool.
+            ``unexplained_area > max_unexplained_area``) and whose ``pred_mask`` is the initial mask, ``(B,)`` bool.
     """
 
     pred_mask: torch.Tensor
@@ -110,7 +109,7 @@ class Refinement:
     initial_normal_image: torch.Tensor
     iterations: torch.Tensor
     explained: torch.Tensor
-    mask_growth: torch.Tensor
+    unexplained_area: torch.Tensor
     fallback: torch.Tensor
 
     @classmethod
@@ -124,7 +123,7 @@ class Refinement:
             initial_normal_image=images.clone(),
             iterations=torch.zeros(batch, dtype=torch.long, device=images.device),
             explained=torch.ones(batch, dtype=images.dtype, device=images.device),
-            mask_growth=torch.zeros(batch, dtype=images.dtype, device=images.device),
+            unexplained_area=torch.zeros(batch, dtype=images.dtype, device=images.device),
             fallback=torch.zeros(batch, dtype=torch.bool, device=images.device),
         )
 
@@ -167,12 +166,14 @@ def refine(
         for name in _FIELDS:
             getattr(result, name)[index] = getattr(refined, name)[0]
     untrusted = result.explained < settings.min_explained
-    if settings.max_mask_growth is not None:
-        untrusted |= result.mask_growth > settings.max_mask_growth
+    if settings.max_unexplained_area is not None:
+        untrusted |= result.unexplained_area > settings.max_unexplained_area
     return result.fall_back(initial_masks, untrusted)
 
 
-_FIELDS = ("pred_mask", "magnitude", "normal_image", "initial_normal_image", "iterations", "explained", "mask_growth")
+_FIELDS = (
+    "pred_mask", "magnitude", "normal_image", "initial_normal_image", "iterations", "explained", "unexplained_area"
+)
 
 
 def _refine_at_model_size(
@@ -236,7 +237,7 @@ def _refine_at_model_size(
     drop = scores_observed - objective.position_scores(recovered)
     score_observed = scores_observed.flatten(1).sum(1)
     share = explained(score_observed, score_region_inpainted, score_observed - drop.flatten(1).sum(1))
-    growth = mask_growth(mask, drop, judged=score_observed > score_region_inpainted)
+    unexplained = unexplained_area(mask, drop, judged=score_observed > score_region_inpainted)
     return Refinement(
         pred_mask=window.paste(mask, torch.zeros_like(initial_masks)),
         magnitude=window.paste(magnitude, torch.zeros_like(initial_masks, dtype=observed.dtype)),
@@ -244,7 +245,7 @@ def _refine_at_model_size(
         initial_normal_image=start,
         iterations=iterations,
         explained=share,
-        mask_growth=growth,
+        unexplained_area=unexplained,
         fallback=torch.zeros_like(share, dtype=torch.bool),
     )
 
@@ -300,6 +301,6 @@ def _resize(refined: Refinement, observed: torch.Tensor, mask_threshold: float) 
         initial_normal_image=restore(refined.initial_normal_image),
         iterations=refined.iterations,
         explained=refined.explained,
-        mask_growth=refined.mask_growth,
+        unexplained_area=refined.unexplained_area,
         fallback=refined.fallback,
     )

@@ -99,10 +99,11 @@ class F2PADSettings:
     """Do no harm: an image keeps the backbone's mask (and map) unless the recovered normal image, changed only
     inside the refined mask, removes at least this share of the anomaly score that R inpainted removes
     (``Refinement.explained``); 0 trusts every refinement. Not in the paper (0)."""
-    max_mask_growth: float | None = 4.0
-    """Do no harm: an image keeps the backbone's mask (and map) if its refined mask covers more than this many
-    times the area where the recovered normal image lowered the scores (``Refinement.mask_growth``): a mask
-    grown far beyond what the removed score explains. ``None``: no such limit (the paper's)."""
+    max_unexplained_area: float | None = 0.5
+    """Do no harm: an image keeps the backbone's mask (and map) if more than this share of its refined mask lies
+    where the recovered normal image lowered no score (``Refinement.unexplained_area``): a mask grown far beyond
+    what the removed score explains, which ``min_explained`` cannot see (adding pixels only raises it).
+    ``None``: no such limit. Not in the paper (``None``)."""
     starts: tuple[str, ...] = ("region", "region_in_mask")
     """The starts X_N^0 solved from (:data:`STARTS`); per image the solve with the lowest objective J is kept.
     Default: R inpainted and R's fill inside the initial mask only. ``("mask",)`` inpaints only the initial mask,
@@ -145,8 +146,10 @@ class F2PADSettings:
             raise ValueError(f"F2PAD: colour_growth must be a positive prior cost or None; got {self.colour_growth!r}.")
         if isinstance(self.growth_margin, bool) or not isinstance(self.growth_margin, int) or self.growth_margin < 0:
             raise ValueError(f"F2PAD: growth_margin must be a non-negative integer; got {self.growth_margin!r}.")
-        if self.max_mask_growth is not None and not self.max_mask_growth > 0:
-            raise ValueError(f"F2PAD: max_mask_growth must be a positive ratio or None; got {self.max_mask_growth!r}.")
+        if self.max_unexplained_area is not None and not self.max_unexplained_area >= 0:
+            raise ValueError(
+                f"F2PAD: max_unexplained_area must be a share >= 0 or None; got {self.max_unexplained_area!r}."
+            )
 
     def optimizer(self, default_tolerance: float) -> OptimizerSettings:
         """The optimiser's settings; ``default_tolerance`` (the scorer's) where ``tolerance`` is ``None``."""
@@ -184,7 +187,7 @@ PAPER: dict[str, Any] = {
     "median_size": 1,  # the mask is where |A| exceeds the threshold, unfiltered
     "colour_growth": None,  # the mask stays inside R
     "min_explained": 0.0,  # every refinement replaces the backbone's mask
-    "max_mask_growth": None,
+    "max_unexplained_area": None,
     "scale_feature_term": False,  # the feature term is the plain sum of scores
 }
 

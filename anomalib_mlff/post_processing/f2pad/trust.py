@@ -6,9 +6,9 @@ image X_N changed only inside the refined mask, all known at inference:
 
 - :func:`explained`: the share of the score R's inpainting removes that the refined mask removes too. Low
   where the mask leaves the anomaly outside itself (too small, or misplaced).
-- :func:`mask_growth`: the mask's area over the area where removing it lowered the scores. High where the
-  mask covers far more than the anomaly the scores saw (a colour growth that flooded normal pixels): adding
-  pixels can only raise :func:`explained`, so that share cannot catch a mask that grew too far.
+- :func:`unexplained_area`: the share of the mask's pixels lying where removing the mask lowered no score.
+  High where the mask covers far more than the anomaly the scores saw (a colour growth that flooded normal
+  pixels): adding pixels can only raise :func:`explained`, so that share cannot catch a mask that grew too far.
 """
 
 from __future__ import annotations
@@ -34,26 +34,24 @@ def explained(observed: torch.Tensor, start: torch.Tensor, recovered: torch.Tens
     return torch.where(drop > 0, share.clamp(0, 1), torch.ones_like(share))
 
 
-def lowered_area(drop: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Pixels of a ``size`` image covered by positions whose score ``drop`` (``(B, h, w)``) is large; ``(B,)``.
+def lowered(drop: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Pixels of a ``size`` image whose position's score ``drop`` (``(B, h, w)``) is large, ``(B, *size)`` bool.
 
     A position counts where its drop exceeds :data:`LOWERED_SHARE` of the image's largest drop; each covers its
     cell of the ``size`` image (nearest-neighbour upsampling of the grid).
     """
     largest = drop.flatten(1).amax(1).clamp_min(0).reshape(-1, 1, 1)
-    lowered = (drop > LOWERED_SHARE * largest) & (drop > 0)
-    cells = F.interpolate(lowered[:, None].float(), size=tuple(size), mode="nearest")[:, 0]
-    return cells.flatten(1).sum(1)
+    positions = (drop > LOWERED_SHARE * largest) & (drop > 0)
+    return F.interpolate(positions[:, None].float(), size=tuple(size), mode="nearest")[:, 0] > 0
 
 
-def mask_growth(mask: torch.Tensor, drop: torch.Tensor, judged: torch.Tensor) -> torch.Tensor:
-    """Area of ``mask`` (``(B, H, W)``) over :func:`lowered_area` of ``drop`` (``(B, h, w)``), ``(B,)``.
+def unexplained_area(mask: torch.Tensor, drop: torch.Tensor, judged: torch.Tensor) -> torch.Tensor:
+    """Share of the pixels of ``mask`` (``(B, H, W)``) outside :func:`lowered` of ``drop`` (``(B, h, w)``); ``(B,)``.
 
-    ``drop`` is each position's score at X minus its score at X_N changed only inside the mask. ``inf`` where the
-    mask lowered no score; 0 for an empty mask and for images not ``judged`` (``(B,)`` bool: those where
-    inpainting R lowers no score, which :func:`explained` trusts too).
+    ``drop`` is each position's score at X minus its score at X_N changed only inside the mask. 1 where the mask
+    lowered no score; 0 for an empty mask and for images not ``judged`` (``(B,)`` bool: those where inpainting R
+    lowers no score, which :func:`explained` trusts too).
     """
-    area = mask.flatten(1).sum(1).to(drop.dtype)
-    lowered = lowered_area(drop, tuple(mask.shape[-2:]))
-    growth = torch.where(area > 0, area / lowered, torch.zeros_like(area))  # area / 0 = inf: nothing lowered
-    return torch.where(judged, growth, torch.zeros_like(growth))
+    outside = (mask & ~lowered(drop, tuple(mask.shape[-2:]))).flatten(1).sum(1).to(drop.dtype)
+    share = outside / mask.flatten(1).sum(1).clamp_min(1).to(drop.dtype)
+    return torch.where(judged, share, torch.zeros_like(share))
