@@ -184,7 +184,7 @@ def _refine_at_model_size(
     prior: PixelPrior | None,
     settings: F2PADSettings,
 ) -> Refinement:
-    """Steps 2-6 for images that all have a non-empty mask."""
+    """Steps 2-7 for images that all have a non-empty mask (the trust measures; the fallback is left to refine)."""
     region = dilate(initial_masks, settings.dilation)
     inpainted = inpaint(observed, initial_masks, region, inpainter, (*settings.starts, "region"))
     starts = [inpainted[name] for name in settings.starts]
