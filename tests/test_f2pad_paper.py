@@ -1,6 +1,6 @@
 """F2PAD's paper mode: one preset that differs from the defaults exactly in the paper's choices, reachable from
-Python, YAML and the CLI; and the two choices no other setting reached (its stopping rule, the unscaled feature
-term)."""
+Python, YAML and the CLI; and the two paper choices with a setting of their own (the stopping rule, the unscaled
+feature term)."""
 
 from __future__ import annotations
 
