@@ -5,8 +5,8 @@ Each rule keeps the backbone's mask unless it holds; it sees only inference-time
 gain over categories (worst category) and the number of images kept at the backbone's mask, per model and
 protocol. The last row is no rule but the bound on all of them: each image's better mask, by the ground truth.
 
-    python benchmarks/f2pad_sweep.py run trust_brick '{"min_explained": 0}' --categories brick
-    python benchmarks/f2pad_sweep.py run trust_grass '{"min_explained": 0}' --categories grass
+    python benchmarks/f2pad_sweep.py run trust_brick '{"min_explained": 0, "max_unexplained_area": null}' --categories brick
+    python benchmarks/f2pad_sweep.py run trust_grass '{"min_explained": 0, "max_unexplained_area": null}' --categories grass
     python benchmarks/f2pad_trust_rules.py trust_brick trust_grass
 """
 

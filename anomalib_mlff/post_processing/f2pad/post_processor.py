@@ -59,6 +59,9 @@ class F2PAD(PostProcessor):
         inpainter: ``"telea"``, ``"ns"``, ``"biharmonic"`` or an inpainter such as ``MAEInpainter``.
         visualization_dir: if set, save image / recovered image / mask side by side there per test image.
         enabled: refine at all (``False``: plain ``PostProcessor``).
+        preset: a named set of settings (``"paper"``: F2PAD as published; ``settings.PRESETS``) the other
+            arguments override. Since anomalib's CLI passes every argument, one equal to its project default
+            counts as not given and the preset's value stands.
         **kwargs: the :class:`F2PADSettings` fields, then ``PostProcessor`` arguments (normalisation,
             thresholding, sensitivities).
     """
@@ -68,9 +71,11 @@ class F2PAD(PostProcessor):
         inpainter: str | Inpainter = "telea",
         visualization_dir: str | Path | None = None,
         enabled: bool = True,
+        preset: str | None = None,
         **kwargs: Any,  # noqa: ANN401
     ) -> None:
-        settings = F2PADSettings(**{name: kwargs.pop(name) for name in setting_names() if name in kwargs})
+        given = {name: kwargs.pop(name) for name in setting_names() if name in kwargs}
+        settings = F2PADSettings.from_preset(preset, **given if preset is None else explicit_settings(given))
         super().__init__(**kwargs)
         self.settings = settings
         self.calibration: dict[str, Any] | None = None
@@ -339,6 +344,12 @@ def _names(batch: Batch, items: list[int]) -> str:
 
 
 _SETTING_NAMES = frozenset(setting_names())
+
+
+def explicit_settings(given: dict[str, Any]) -> dict[str, Any]:
+    """The settings in ``given`` that differ from their project default (the CLI passes every default)."""
+    defaults, built = F2PADSettings(), F2PADSettings(**given)  # built: YAML's lists read as the tuples they become
+    return {name: value for name, value in given.items() if getattr(built, name) != getattr(defaults, name)}
 
 
 def _flat_signature() -> inspect.Signature:
