@@ -199,7 +199,7 @@ def _refine_at_model_size(
         smoothness_weight=settings.smoothness_weight,
     )
     objective = replace(objective, feature_scale=calibrate_feature_scale(objective, start_crop))
-    optimizer = settings.optimizer(scorer.tolerance)
+    optimizer = OptimizerSettings.of(settings, scorer.tolerance)
     score_observed = objective.feature_score(observed_crop)
     with torch.no_grad():  # L at the start, from the embedding the candidates were chosen on
         score_start = (scores(initial_embedding) * positions).flatten(1).sum(1)

@@ -13,8 +13,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from .optimizer import OptimizerSettings
-
 #: The starts X_N^0 F2PAD can solve from; each is the observed image X with some pixels inpainted.
 STARTS = {
     "mask": "the initial mask inpainted (the paper's start)",
@@ -112,20 +110,6 @@ class F2PADSettings:
         check_median_size(self.median_size)
         if self.colour_growth is not None and not self.colour_growth > 0:
             raise ValueError(f"F2PAD: colour_growth must be a positive prior cost or None; got {self.colour_growth!r}.")
-
-    def optimizer(self, default_tolerance: float) -> OptimizerSettings:
-        """The optimiser's settings; ``default_tolerance`` (the scorer's) where ``tolerance`` is ``None``."""
-        return OptimizerSettings(
-            lr=self.lr,
-            clip=self.clip,
-            kernel_size=self.kernel_size,
-            sigma_space=self.sigma_space,
-            sigma_color=self.sigma_color,
-            boost=self.step_boost,
-            eps=self.log_eps,
-            tolerance=default_tolerance if self.tolerance is None else self.tolerance,
-            max_iterations=self.max_iterations,
-        )
 
     def to_config(self) -> dict[str, Any]:
         """Plain data for the checkpoint."""
