@@ -5,7 +5,7 @@
 3. The starts X_N^0 (``starts``, see ``settings.STARTS``). Inpainting R fills from pixels outside the dilated
    mask; inpainting the initial mask alone fills from its border, which lies inside the defect wherever the
    coarse mask is smaller than or offset from it, so X_N^0 keeps the defect's colour there and the refined
-   mask shrinks (benchmarks/README.md, issue 11). R inpainted everywhere starts normal pixels of the ring
+   mask shrinks. R inpainted everywhere starts normal pixels of the ring
    R minus the mask away from X too, which the sparsity term must pull back; R's fill inside the mask only
    starts them at X. J is not convex, so with several starts each is minimised and the lowest J is kept.
 4. Cut a common crop around R (the features outside it cannot change); fix the model's

@@ -1,11 +1,11 @@
 """F2PAD's settings: one frozen object, its defaults written here only.
 
-:class:`~anomalib_mlff.post_processing.f2pad.F2PAD` takes every field as a flat constructor argument
-(anomalib's CLI and YAML need them; its signature is built from these fields), builds one
-:class:`F2PADSettings` from them and saves and restores it whole with the checkpoint. :func:`refine`
-takes the same object. Adding a setting is adding a field here (with its docstring).
-Pixel quantities are in [0, 1] pixel units and pixels at the model's input size; defaults are the
-paper's where it gives them.
+:class:`~anomalib_mlff.post_processing.f2pad.F2PAD` takes a :class:`F2PADSettings` and every field as a flat
+constructor argument (anomalib's CLI and YAML need them; ``arguments.py`` builds its signature from these
+fields) and saves and restores the object whole with the checkpoint. :func:`refine` takes the same object.
+Adding a setting is adding a field here (with its docstring). Pixel quantities are in [0, 1] pixel units and
+pixels at the model's input size; where a default differs from the paper, the field says why and F2PAD's
+README.md lists it under Fidelity.
 """
 
 from __future__ import annotations
@@ -51,13 +51,13 @@ class F2PADSettings:
     """A pixel is anomalous where |A| (median-filtered over ``median_size``) exceeds this."""
     median_size: int = 5
     """Window of the median filter on |A| before the threshold (odd; 1: none), so that a pixel is anomalous where
-    most of its window is. 5: on the seed-1 sweep it removed the speckle inside defects whose pixels partly share
-    the normal colour and raised the mean IoU gain on both protocols and both models (benchmarks/README.md)."""
+    most of its window is. 5 removes the speckle inside defects whose pixels partly
+    share the normal colour and raises the mean IoU gain on both protocols and both models (README.md, Fidelity)."""
     colour_growth: float | None = 9.0
     """The refined mask grows into every connected region of pixels touching it whose prior cost (squared
     Mahalanobis distance to the nearest colour component, median-filtered over ``median_size``) exceeds this
     (``growth.py``); ``None``: no growth. 9: the colour a tint of 0.1 gives grey, at the prior's floor variance
-    ``prior_reg_covar``; chosen on the seed-1 sweep (benchmarks/README.md)."""
+    ``prior_reg_covar``; chosen on ``bench_f2pad.py`` (README.md, Fidelity)."""
     initial_threshold: float | None = None
     """Raw anomaly-map threshold of the initial mask; ``None``: the post-processor's F1-optimal pixel threshold."""
     lr: float = 0.01
@@ -76,12 +76,12 @@ class F2PADSettings:
     """Stop when the objective decreases by less than this per iteration; ``None``: the scorer's default (paper:
     0.1 for PaDiM, 0.05 otherwise)."""
     max_iterations: int = 50
-    """Iteration cap of each main solve (one per start). 50: on the seed-1 sweep the masks after 50 iterations
-    matched those after 1,200 within 1 IoU point (benchmarks/README.md)."""
+    """Iteration cap of each main solve (one per start). 50: the masks after 50 iterations match those after
+    1,200 within 1 IoU point (README.md, Fidelity)."""
     reestimate: bool = True
     """Re-estimate the normal image inside the final mask without the sparsity term."""
     reestimation_iterations: int = 25
-    """Iteration cap of the re-estimation (same sweep)."""
+    """Iteration cap of the re-estimation (as ``max_iterations``, measured with it)."""
     min_explained: float = 0.5
     """Do no harm: an image keeps the backbone's mask (and map) unless the recovered normal image, changed only
     inside the refined mask, removes at least this share of the anomaly score that the first start removes
@@ -90,12 +90,12 @@ class F2PADSettings:
     """The starts X_N^0 solved from (:data:`STARTS`); per image the solve with the lowest objective J is kept.
     Default: R inpainted and R's fill inside the initial mask only. ``("mask",)`` inpaints only the initial mask,
     as the paper's text reads, whose fill then comes from the mask's border: inside the defect wherever the
-    coarse mask misses part of it (benchmarks/README.md)."""
+    coarse mask misses part of it (README.md, Fidelity)."""
     calibration_images: int = 0
     """Normal training images on which, when training ends, synthetic defects are drawn and the sparsity, prior
     and TV weights and the mask threshold chosen (``calibration.py``); 0 keeps the given weights. Opt-in: on
     bench_f2pad.py the chosen weights lowered IoU on the paper's protocol and did not raise it on realistic
-    defects (benchmarks/README.md)."""
+    defects (README.md, Fidelity)."""
     calibration_veto: bool = False
     """If no choice beat the initial masks on the calibration's synthetic defects, keep every backbone mask."""
     share_gradients: bool = True
