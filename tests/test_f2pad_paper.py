@@ -13,7 +13,7 @@ from anomalib.cli import AnomalibCLI
 
 from anomalib_mlff import F2PAD
 from anomalib_mlff.post_processing.f2pad import ClassicalInpainter, F2PADSettings, refine
-from anomalib_mlff.post_processing.f2pad.optimizer import minimise
+from anomalib_mlff.post_processing.f2pad.optimizer import OptimizerSettings, minimise
 from anomalib_mlff.post_processing.f2pad.scorers import build_scorer
 from tests.conftest import REPO_ROOT
 from tests.f2pad_fixtures import IMAGENET, defect_image, patchcore
@@ -79,7 +79,8 @@ def test_the_raw_change_rule_stops_at_the_first_small_decrease_and_the_default_r
     def objective(x: torch.Tensor) -> torch.Tensor:
         return (x - 0.2).square().flatten(1).sum(1)
 
-    base = F2PADSettings(max_iterations=200, tolerance=0.3).optimizer(default_tolerance=0.3)
+    base = OptimizerSettings.of(F2PADSettings(max_iterations=200, tolerance=0.3), default_tolerance=0.3)
+    assert OptimizerSettings.of(F2PADSettings.paper(), default_tolerance=0.3).raw_change  # the preset reaches the solver
     _, raw = minimise(objective, observed, observed, region, replace(base, raw_change=True), share=False)
     _, smoothed = minimise(objective, observed, observed, region, base, share=False)
     values = raw.values[:, 0]

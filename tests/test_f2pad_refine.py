@@ -11,7 +11,7 @@ import torch
 from anomalib_mlff import F2PAD
 from anomalib_mlff.post_processing.f2pad import ClassicalInpainter, F2PADSettings, PixelPrior, Refinement, refine
 from anomalib_mlff.post_processing.f2pad.objective import Objective, calibrate_feature_scale
-from anomalib_mlff.post_processing.f2pad.optimizer import minimise
+from anomalib_mlff.post_processing.f2pad.optimizer import OptimizerSettings, minimise
 from anomalib_mlff.post_processing.f2pad.refinement import denoise_magnitude, initial_estimates, lowest_energy_solve
 from anomalib_mlff.post_processing.f2pad.scorers import DifferentiableScorer, build_scorer
 from anomalib_mlff.post_processing.f2pad.window import FeatureWindow, dilate, positions_touched
@@ -63,7 +63,7 @@ def test_an_optimisation_run_lowers_the_objective() -> None:
         smoothness_weight=0.01,
     )
     objective = replace(objective, feature_scale=calibrate_feature_scale(objective, start))
-    settings = F2PADSettings(max_iterations=40, tolerance=0.0).optimizer(default_tolerance=0.0)
+    settings = OptimizerSettings.of(F2PADSettings(max_iterations=40, tolerance=0.0), default_tolerance=0.0)
     normal, trace = minimise(objective, start, observed, objective.region, settings)
     assert trace.values.shape == (41, 1)
     assert objective(normal).item() < 0.9 * trace.values[0].item()
@@ -188,7 +188,7 @@ def test_with_several_starts_each_image_keeps_the_solve_with_the_lowest_objectiv
 
     near_deep, near_shallow = torch.full_like(observed, 0.25), torch.full_like(observed, 0.75)
     starts = [torch.cat([near_shallow[:1], near_deep[1:]]), torch.cat([near_deep[:1], near_shallow[1:]])]
-    settings = F2PADSettings(max_iterations=30, tolerance=0.0).optimizer(default_tolerance=0.0)
+    settings = OptimizerSettings.of(F2PADSettings(max_iterations=30, tolerance=0.0), default_tolerance=0.0)
     normal, chosen, iterations = lowest_energy_solve(objective, starts, observed, region, settings, share=False)
     assert chosen.tolist() == [1, 0]  # image 0 from the second start, image 1 from the first
     assert (normal - 0.2).abs().max() < 0.05

@@ -19,9 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
+from lightning import LightningModule
 
 from anomalib_mlff.components.pseudo_anomaly import confetti_noise, cut_paste, cut_paste_scar
 
+from .adaptation import anomaly_map_of, evaluating
 from .inpaint import Inpainter
 from .metrics import mean_mask_iou
 from .prior import PixelPrior
@@ -136,6 +138,20 @@ def calibrate(
             if score > best_iou:
                 best_weights, best_iou, current = weights, score, candidate
     return Calibration(best_weights, mean_mask_iou(initial, truths), trials)
+
+
+def calibrate_model(
+    pl_module: LightningModule,
+    normal_images: torch.Tensor,
+    scorer: DifferentiableScorer,
+    inpainter: Inpainter,
+    prior: PixelPrior | None,
+    settings: F2PADSettings,
+) -> Calibration:
+    """:func:`calibrate` with a Lightning module's model (in eval mode, gradients on) on its device."""
+    with evaluating(pl_module.model), torch.inference_mode(False), torch.enable_grad():
+        images = normal_images.to(pl_module.device)
+        return calibrate(images, anomaly_map_of(pl_module), scorer, inpainter, prior, settings)
 
 
 def _weights(settings: F2PADSettings) -> dict[str, float]:

@@ -3,10 +3,10 @@
 F2PAD optimises X_N only inside R, the dilated initial mask, and there the feature term holds X_N to its
 surroundings. Where the coarse mask covers part of a defect of a foreign colour (a tint, a stain), the rest of the
 defect lies outside R or is held at the defect's colour, and the refined mask shrinks to the covered part
-(benchmarks/README.md: a blue tint on grey brick kept its colour in X_N although its pixels cost 26 under
-the prior against 0.5 for normal ones). The prior already knows those pixels are not normal: every pixel of a
-connected region of such colour outliers that touches the refined mask joins it, within R plus ``growth_margin``
-pixels (and the crop F2PAD works on), so that a colour the prior rejects everywhere cannot flood the image.
+(a blue tint on grey brick keeps its colour in X_N although its pixels cost 26 under the prior against 0.5 for
+normal ones). The prior already knows those pixels are not normal: every pixel of a connected region of such
+colour outliers that touches the refined mask joins it, within R plus ``growth_margin`` pixels (and the crop
+F2PAD works on), so that a colour the prior rejects everywhere cannot flood the image.
 """
 
 from __future__ import annotations

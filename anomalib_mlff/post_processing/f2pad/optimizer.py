@@ -22,6 +22,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from kornia.filters import get_gaussian_kernel2d
@@ -30,10 +31,13 @@ from torch.nn import functional as F  # noqa: N812
 
 from .objective import NonFiniteError, channel_norm
 
+if TYPE_CHECKING:
+    from .settings import F2PADSettings
+
 
 @dataclass(frozen=True)
 class OptimizerSettings:
-    """Hyper-parameters of the optimiser; F2PAD's come from ``F2PADSettings.optimizer`` (defaults live there)."""
+    """Hyper-parameters of the optimiser; F2PAD's come from its settings through :meth:`of` (defaults live there)."""
 
     lr: float
     clip: float
@@ -48,6 +52,22 @@ class OptimizerSettings:
     patience: int = 10
     min_iterations: int = 0
     raw_change: bool = False
+
+    @classmethod
+    def of(cls, settings: F2PADSettings, default_tolerance: float) -> OptimizerSettings:
+        """The optimiser's part of F2PAD's ``settings``; ``default_tolerance`` (the scorer's) where theirs is ``None``."""
+        return cls(
+            lr=settings.lr,
+            clip=settings.clip,
+            kernel_size=settings.kernel_size,
+            sigma_space=settings.sigma_space,
+            sigma_color=settings.sigma_color,
+            boost=settings.step_boost,
+            eps=settings.log_eps,
+            tolerance=default_tolerance if settings.tolerance is None else settings.tolerance,
+            max_iterations=settings.max_iterations,
+            raw_change=settings.stop_on_raw_change,
+        )
 
 
 class GradientSharing:

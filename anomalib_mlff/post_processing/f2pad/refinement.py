@@ -3,9 +3,9 @@
 1. Images whose initial mask is empty are returned at once, unchanged, with an empty mask.
 2. Dilate the initial mask: the region R that is optimised.
 3. The starts X_N^0 (``starts``, see ``settings.STARTS``). Inpainting R fills from pixels outside the dilated
-   mask; inpainting the initial mask alone (the paper's start) fills from its border, which lies inside the
-   defect wherever the coarse mask is smaller than or offset from it, so X_N^0 keeps the defect's colour there
-   and the refined mask shrinks (benchmarks/README.md). R inpainted everywhere starts normal pixels of the ring
+   mask; inpainting the initial mask alone fills from its border, which lies inside the defect wherever the
+   coarse mask is smaller than or offset from it, so X_N^0 keeps the defect's colour there and the refined
+   mask shrinks. R inpainted everywhere starts normal pixels of the ring
    R minus the mask away from X too, which the sparsity term must pull back; R's fill inside the mask only
    starts them at X. J is not convex, so with several starts each is minimised and the lowest J is kept.
 4. Cut a common crop around R (the features outside it cannot change); fix the model's
@@ -211,7 +211,7 @@ def _refine_at_model_size(
     )
     if settings.scale_feature_term:
         objective = replace(objective, feature_scale=calibrate_feature_scale(objective, start_crop))
-    optimizer = replace(settings.optimizer(scorer.tolerance), raw_change=settings.stop_on_raw_change)
+    optimizer = OptimizerSettings.of(settings, scorer.tolerance)
     scores_observed = objective.position_scores(observed_crop)
     score_region_inpainted = objective.feature_score(window.crop(inpainted["region"]))
     normal, chosen, iterations = lowest_energy_solve(

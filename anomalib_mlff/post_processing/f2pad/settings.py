@@ -1,10 +1,11 @@
 """F2PAD's settings: one frozen object, its defaults written here only.
 
-:class:`~anomalib_mlff.post_processing.f2pad.F2PAD` takes every field as a flat constructor argument
-(anomalib's CLI and YAML need them; its signature is built from these fields), builds one
-:class:`F2PADSettings` from them and saves and restores it whole with the checkpoint. :func:`refine`
-takes the same object. Adding a setting is adding a field here (with its docstring).
-Pixel quantities are in [0, 1] pixel units and pixels at the model's input size.
+:class:`~anomalib_mlff.post_processing.f2pad.F2PAD` takes a :class:`F2PADSettings` and every field as a flat
+constructor argument (anomalib's CLI and YAML need them; ``arguments.py`` builds its signature from these
+fields) and saves and restores the object whole with the checkpoint. :func:`refine` takes the same object.
+Adding a setting is adding a field here (with its docstring). Pixel quantities are in [0, 1] pixel units and
+pixels at the model's input size; where a default differs from the paper, the field says why and F2PAD's
+README.md lists it under Fidelity.
 
 The defaults are the project's method. Where it departs from the paper's procedure the departure is a setting
 whose docstring says so, and the preset ``"paper"`` (:data:`PRESETS`, ``F2PADSettings.paper()``,
@@ -15,8 +16,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 from typing import Any
-
-from .optimizer import OptimizerSettings
 
 #: The starts X_N^0 F2PAD can solve from; each is the observed image X with some pixels inpainted.
 STARTS = {
@@ -56,13 +55,13 @@ class F2PADSettings:
     """A pixel is anomalous where |A| (median-filtered over ``median_size``) exceeds this."""
     median_size: int = 5
     """Window of the median filter on |A| before the threshold (odd; 1: none, the paper's mask rule), so that a
-    pixel is anomalous where most of its window is. 5: it removes the speckle inside defects whose pixels partly
-    share the normal colour, and raised the mean IoU gain on both protocols and both models (benchmarks/README.md)."""
+    pixel is anomalous where most of its window is. 5 removes the speckle inside defects whose pixels partly
+    share the normal colour and raises the mean IoU gain on both protocols and both models (README.md, Fidelity)."""
     colour_growth: float | None = 9.0
     """The refined mask grows into every connected region of pixels touching it whose prior cost (squared
     Mahalanobis distance to the nearest colour component, median-filtered over ``median_size``) exceeds this
     (``growth.py``); ``None``: no growth. 9: the colour a tint of 0.1 gives grey, at the prior's floor variance
-    ``prior_reg_covar``, measured against 16, 25 and 50 (benchmarks/README.md). Not in the paper (``None``)."""
+    ``prior_reg_covar``; chosen on ``bench_f2pad.py`` (README.md, Fidelity). Not in the paper (``None``)."""
     growth_margin: int = 32
     """Colour growth reaches at most this many pixels beyond R, so the map is 0 outside R plus this margin whatever
     the scorer (whole-image scorers included). 32: the default ``crop_margin``, the context cropping scorers see."""
@@ -89,7 +88,7 @@ class F2PADSettings:
     sign-like steps trip the paper's rule at once (``optimizer.py``)."""
     max_iterations: int = 50
     """Iteration cap of each main solve (one per start); the paper's is 1,200. 50: the masks after 50 iterations
-    matched those after 1,200 within 1 IoU point at a quarter of the time (benchmarks/README.md)."""
+    matched those after 1,200 within 1 IoU point at a quarter of the time (README.md, Fidelity)."""
     reestimate: bool = True
     """Re-estimate the normal image inside the final mask without the sparsity term."""
     reestimation_iterations: int = 25
@@ -108,7 +107,7 @@ class F2PADSettings:
     """The starts X_N^0 solved from (:data:`STARTS`); per image the solve with the lowest objective J is kept.
     Default: R inpainted and R's fill inside the initial mask only. ``("mask",)`` inpaints only the initial mask,
     the paper's start, whose fill then comes from the mask's border: inside the defect wherever the coarse mask
-    misses part of it (benchmarks/README.md)."""
+    misses part of it (README.md, Fidelity)."""
     scale_feature_term: bool = True
     """Divide the feature term by g0, the median feature-gradient norm over R at the start (``objective.py``), so
     that the pixel-level weights compare with a feature gradient of 1 whatever the backbone. ``False``: the
@@ -117,7 +116,7 @@ class F2PADSettings:
     """Normal training images on which, when training ends, synthetic defects are drawn and the sparsity, prior
     and TV weights and the mask threshold chosen (``calibration.py``); 0 keeps the given weights. Opt-in: on
     bench_f2pad.py the chosen weights lowered IoU on the paper's protocol and did not raise it on realistic
-    defects (benchmarks/README.md)."""
+    defects (README.md, Fidelity)."""
     calibration_veto: bool = False
     """If no choice beat the initial masks on the calibration's synthetic defects, keep every backbone mask."""
     share_gradients: bool = True
@@ -150,20 +149,6 @@ class F2PADSettings:
             raise ValueError(
                 f"F2PAD: max_unexplained_area must be a share >= 0 or None; got {self.max_unexplained_area!r}."
             )
-
-    def optimizer(self, default_tolerance: float) -> OptimizerSettings:
-        """The optimiser's settings; ``default_tolerance`` (the scorer's) where ``tolerance`` is ``None``."""
-        return OptimizerSettings(
-            lr=self.lr,
-            clip=self.clip,
-            kernel_size=self.kernel_size,
-            sigma_space=self.sigma_space,
-            sigma_color=self.sigma_color,
-            boost=self.step_boost,
-            eps=self.log_eps,
-            tolerance=default_tolerance if self.tolerance is None else self.tolerance,
-            max_iterations=self.max_iterations,
-        )
 
     def to_config(self) -> dict[str, Any]:
         """Plain data for the checkpoint."""
