@@ -76,7 +76,7 @@ def cover(name: str, category: str, roots: dict[str, Path], image_size: int, see
     try:
         engine.fit(model, datamodule=protocol_datamodule(roots["paper"], category))
         fit_seconds = time.perf_counter() - start
-        scorer = build_scorer(model.model, PixelRange.from_transform(model.pre_processor.transform), 10)
+        scorer = build_scorer(model.model, PixelRange.of_model(model), 10)
         scorer.check_differentiable((image_size, image_size))  # what F2PAD's setup checks before testing
     except MissingScorerError as error:
         return [f"| {name} | {category} | - | no: {_short(error)} | | | | | | |"]

@@ -92,3 +92,13 @@ def test_assigning_a_setting_validates_and_replaces_the_whole_object() -> None:
         f2pad.median_size = 4
     with pytest.raises(ValueError, match="starts"):
         F2PAD(starts=("nowhere",))
+
+
+def test_a_settings_object_is_the_base_and_keywords_override_it() -> None:
+    base = F2PADSettings(dilation=3, max_iterations=20)
+    f2pad = F2PAD(settings=base, max_iterations=7, enable_thresholding=False)
+    assert f2pad.settings == replace(base, max_iterations=7)
+    assert base.max_iterations == 20  # the object passed in is left as it was
+    assert not f2pad.enable_thresholding  # PostProcessor's own arguments still reach it
+    with pytest.raises(ValueError, match="median_size"):
+        F2PAD(settings=base, median_size=4)

@@ -1,4 +1,4 @@
-"""F2PAD's do-no-harm rule, its weight calibration, the feature-scale fallback and its NaN errors."""
+"""F2PAD's trust rules, its weight calibration, the feature-scale fallback and its NaN errors."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from anomalib_mlff.post_processing.f2pad.calibration import (
     synthetic_defects,
 )
 from anomalib_mlff.post_processing.f2pad.objective import NonFiniteError, calibrate_feature_scale
-from anomalib_mlff.post_processing.f2pad.refinement import explained
+from anomalib_mlff.post_processing.f2pad.trust import explained, unexplained_area
 from anomalib_mlff.post_processing.f2pad.scorers import DifferentiableScorer, PatchcoreScorer, build_scorer
-from tests.f2pad_fixtures import IMAGENET, SIZE, defect_image, load_images, patchcore, training_images
+from tests.f2pad_fixtures import IMAGENET, SIZE, defect_image, load_images, padim, patchcore, training_images
 from tests.test_f2pad_refine import SMALL, initial_mask, iou, prior
 
 
@@ -28,6 +28,65 @@ def test_explained_is_the_share_of_the_inpainting_drop_the_recovered_image_achie
     observed, start = torch.tensor([10.0, 10.0, 10.0, 4.0]), torch.tensor([2.0, 2.0, 2.0, 6.0])
     recovered = torch.tensor([2.0, 6.0, 10.0, 9.0])
     torch.testing.assert_close(explained(observed, start, recovered), torch.tensor([1.0, 0.5, 0.0, 1.0]))
+
+
+def test_unexplained_area_is_the_share_of_the_mask_outside_the_cells_whose_score_fell() -> None:
+    drop = torch.zeros(2, 4, 4)
+    drop[:, 1, 1] = 1.0  # the cell rows 4-7, columns 4-7 of a 16 px image
+    drop[:, 3, 3] = 0.05  # below a tenth of the largest fall: not counted
+    mask = torch.zeros(2, 16, 16, dtype=torch.bool)
+    mask[:, 4:8, 4:8] = True
+    mask[:, 4:8, 8:12] = True  # half the mask lies in a cell whose score did not fall
+    judged = torch.tensor([True, False])
+    torch.testing.assert_close(unexplained_area(mask, drop, judged), torch.tensor([0.5, 0.0]))
+    assert unexplained_area(mask[:1], torch.zeros(1, 4, 4), judged[:1]).item() == 1.0  # no score fell
+    assert unexplained_area(torch.zeros_like(mask[:1]), drop[:1], judged[:1]).item() == 0.0
+
+
+@pytest.mark.slow
+def test_a_mask_grown_far_beyond_the_lowered_scores_is_refused_though_explained_is_high() -> None:
+    """A prior fitted on green rejects every brick pixel: colour growth floods the image from the defect's mask.
+
+    The flooded pixels lower no score, but they cannot lower ``explained`` either; ``max_unexplained_area`` refuses it.
+    """
+    image, truth = defect_image()
+    start_mask = initial_mask(padim(), image, truth)
+    scorer = build_scorer(padim(), IMAGENET, num_candidates=5)
+    noise = torch.randn(4000, 3, generator=torch.Generator().manual_seed(0))
+    green_prior = PixelPrior().fit((torch.tensor([0.1, 0.8, 0.1]) + 0.02 * noise).clamp(0, 1))
+    flooding = replace(SMALL, growth_margin=64, prior_weight=0.0)  # the prior drives the growth, not the solve
+    trusted_anyway = refine(image[None], start_mask[None], scorer, ClassicalInpainter(), green_prior,
+                            replace(flooding, max_unexplained_area=None))
+    assert not trusted_anyway.fallback.any()
+    assert trusted_anyway.pred_mask.sum() > 10 * truth.sum()
+    assert float(trusted_anyway.explained[0]) >= flooding.min_explained
+    assert float(trusted_anyway.unexplained_area[0]) > flooding.max_unexplained_area
+    result = refine(image[None], start_mask[None], scorer, ClassicalInpainter(), green_prior, flooding)
+    assert result.fallback.tolist() == [True]
+    assert torch.equal(result.pred_mask[0], start_mask)
+
+
+@pytest.mark.slow
+def test_explained_is_measured_against_the_region_inpainted_whatever_the_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PaDiM's scores do not depend on the start (PatchCore's candidates do), so the three runs must agree."""
+    from anomalib_mlff.post_processing.f2pad import refinement  # noqa: PLC0415
+
+    image, truth = defect_image()
+    start_mask = initial_mask(padim(), image, truth)
+    scorer = build_scorer(padim(), IMAGENET, num_candidates=5)
+    seen: list[float] = []
+
+    def spy(observed: torch.Tensor, start: torch.Tensor, recovered: torch.Tensor) -> torch.Tensor:
+        seen.append(float(start[0]))
+        return explained(observed, start, recovered)
+
+    monkeypatch.setattr(refinement, "explained", spy)
+    for starts in (("mask",), ("region_in_mask", "region"), ("region",)):
+        fast = replace(SMALL, starts=starts, max_iterations=2, reestimation_iterations=1)
+        refine(image[None], start_mask[None], scorer, ClassicalInpainter(), None, fast)
+    assert seen[0] == pytest.approx(seen[1], rel=1e-5) == pytest.approx(seen[2], rel=1e-5)
 
 
 @pytest.mark.slow
@@ -38,7 +97,8 @@ def test_a_refinement_made_to_fail_keeps_the_backbone_mask() -> None:
     # no |A| of [0, 1] pixels exceeds this threshold: the refined mask is empty, the defect left outside it
     failing = replace(SMALL, mask_threshold=10.0)
     trusted_anyway = refine(
-        image[None], start_mask[None], scorer, ClassicalInpainter(), None, replace(failing, min_explained=0)
+        image[None], start_mask[None], scorer, ClassicalInpainter(), None,
+        replace(failing, min_explained=0, max_unexplained_area=None),
     )
     assert not trusted_anyway.pred_mask.any() and not trusted_anyway.fallback.any()
     result = refine(image[None], start_mask[None], scorer, ClassicalInpainter(), None, failing)

@@ -8,8 +8,9 @@ model's own map at the F1-optimal threshold over those images (as the paper star
 mask), and a coordinate search keeps the weights whose refined masks have the highest mean IoU. The
 |A| threshold of the mask is chosen with them: it does not change the main solve, so every solve is
 scored at each threshold of :data:`MASK_THRESHOLD_FACTORS`. Solves run without the re-estimation (it
-changes the recovered image, not the mask) and without the do-no-harm rule (the weights are chosen
-for what the refinement itself achieves).
+changes the recovered image, not the mask), without the trust rules (the weights are chosen for what the
+refinement itself achieves) and for at most ``max_iterations`` (50 by default) and
+:data:`CALIBRATION_ITERATIONS` iterations per start.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
+from lightning import LightningModule
 
 from anomalib_mlff.components.pseudo_anomaly import confetti_noise, cut_paste, cut_paste_scar
 
+from .adaptation import anomaly_map_of, evaluating
 from .inpaint import Inpainter
 from .metrics import mean_mask_iou
 from .prior import PixelPrior
@@ -34,7 +37,8 @@ SEARCH: dict[str, tuple[float, ...]] = {
     "prior_weight": (0.0,),
     "smoothness_weight": (3.0,),
 }
-#: Iteration cap of the calibration's solves: enough for most to stop on their own, and the search stays short.
+#: Upper bound on the calibration's iteration cap, which is otherwise ``max_iterations``: with a long main cap (the
+#: paper's 1,200) the search stays short, and most solves stop on their own before 150.
 CALIBRATION_ITERATIONS = 150
 #: Multipliers of the configured |A| threshold tried on every solve (they need no solve of their own).
 MASK_THRESHOLD_FACTORS = (0.5, 1.0, 2.0)
@@ -112,6 +116,7 @@ def calibrate(
             candidate,
             reestimate=False,
             min_explained=0.0,
+            max_unexplained_area=None,
             max_iterations=min(candidate.max_iterations, CALIBRATION_ITERATIONS),
         )
         magnitude = refine(images, initial, scorer, inpainter, prior, quick).magnitude
@@ -133,6 +138,20 @@ def calibrate(
             if score > best_iou:
                 best_weights, best_iou, current = weights, score, candidate
     return Calibration(best_weights, mean_mask_iou(initial, truths), trials)
+
+
+def calibrate_model(
+    pl_module: LightningModule,
+    normal_images: torch.Tensor,
+    scorer: DifferentiableScorer,
+    inpainter: Inpainter,
+    prior: PixelPrior | None,
+    settings: F2PADSettings,
+) -> Calibration:
+    """:func:`calibrate` with a Lightning module's model (in eval mode, gradients on) on its device."""
+    with evaluating(pl_module.model), torch.inference_mode(False), torch.enable_grad():
+        images = normal_images.to(pl_module.device)
+        return calibrate(images, anomaly_map_of(pl_module), scorer, inpainter, prior, settings)
 
 
 def _weights(settings: F2PADSettings) -> dict[str, float]:

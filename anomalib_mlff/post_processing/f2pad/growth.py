@@ -3,10 +3,10 @@
 F2PAD optimises X_N only inside R, the dilated initial mask, and there the feature term holds X_N to its
 surroundings. Where the coarse mask covers part of a defect of a foreign colour (a tint, a stain), the rest of the
 defect lies outside R or is held at the defect's colour, and the refined mask shrinks to the covered part
-(benchmarks/README.md, issue 11: a blue tint on grey brick kept its colour in X_N although its pixels cost 26 under
-the prior against 0.5 for normal ones). The prior already knows those pixels are not normal: every pixel of a
-connected region of such colour outliers that touches the refined mask joins it, within the crop F2PAD works on
-(R plus ``crop_margin``).
+(a blue tint on grey brick keeps its colour in X_N although its pixels cost 26 under the prior against 0.5 for
+normal ones). The prior already knows those pixels are not normal: every pixel of a connected region of such
+colour outliers that touches the refined mask joins it, within R plus ``growth_margin`` pixels (and the crop
+F2PAD works on), so that a colour the prior rejects everywhere cannot flood the image.
 """
 
 from __future__ import annotations
@@ -44,14 +44,16 @@ def grow_into_colour_outliers(
     cost_threshold: float,
     mask_threshold: float,
     median_size: int,
+    within: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The grown mask and its |A| map, ``(B, H, W)`` each.
+    """The grown mask and its |A| map, ``(B, H, W)`` each; growth only reaches pixels of ``within`` (``(B, H, W)``).
 
     Grown pixels get ``mask_threshold * cost / cost_threshold`` where that exceeds |A|, so the map stays above the
     mask threshold exactly on the mask (anomalib's convention that the map's 0.5 level is the mask).
     """
     cost = colour_cost(images, prior, median_size)
-    grown = connected_to(mask, cost > cost_threshold)
+    outliers = cost > cost_threshold
+    grown = connected_to(mask, outliers if within is None else outliers & within)
     added = grown & ~mask
     magnitude = torch.where(added, torch.maximum(magnitude, mask_threshold * cost / cost_threshold), magnitude)
     return grown, magnitude

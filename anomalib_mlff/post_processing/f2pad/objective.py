@@ -8,6 +8,7 @@ anomaly scores summed over the feature positions those pixels reach, |A| the per
 variation. g0 is the median over R of the per-pixel gradient norm of L at the initial estimate
 (:func:`calibrate_feature_scale`): the pixel-level weights then compare with a feature gradient of
 1 whatever the backbone, its score (distance or squared Mahalanobis distance) and its initialisation.
+The paper's objective has no g0 (``scale_feature_term=False`` keeps g0 = 1).
 """
 
 from __future__ import annotations
@@ -107,8 +108,12 @@ class Objective:
 
     def feature_score(self, images: torch.Tensor) -> torch.Tensor:
         """The unscaled feature term L (the model's scores summed over the touched positions), ``(B,)``."""
+        return self.position_scores(images).flatten(1).sum(1)
+
+    def position_scores(self, images: torch.Tensor) -> torch.Tensor:
+        """The model's scores at the touched positions (0 elsewhere), ``(B, h, w)`` on the scorer's grid."""
         with torch.no_grad():
-            return (self.scores(self.scorer.embed(images)) * self.positions).flatten(1).sum(1)
+            return self.scores(self.scorer.embed(images)) * self.positions
 
 
 class NonFiniteError(ValueError):

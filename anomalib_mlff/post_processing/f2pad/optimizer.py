@@ -11,9 +11,10 @@ Each iteration:
    where the anomalous part is near zero, where gradients are small;
 6. projection onto valid pixels, [0, 1], and back to the observed values outside the region.
 An image stops when its best objective value improved by less than ``tolerance`` per iteration,
-averaged over the last ``patience`` iterations (the paper's rule is ``patience=1`` on the raw value,
-which Adan's first, sign-like steps trip at once); it keeps its best estimate. The loop ends when
-all images have stopped or after ``max_iterations``.
+averaged over the last ``patience`` iterations; with ``raw_change``, by the paper's rule instead: when the
+objective's raw decrease between two consecutive iterations is below ``tolerance`` (Adan's first, sign-like
+steps often trip it at once). Either way it keeps its best estimate. The loop ends when all images have
+stopped or after ``max_iterations``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from kornia.filters import get_gaussian_kernel2d
@@ -29,10 +31,13 @@ from torch.nn import functional as F  # noqa: N812
 
 from .objective import NonFiniteError, channel_norm
 
+if TYPE_CHECKING:
+    from .settings import F2PADSettings
+
 
 @dataclass(frozen=True)
 class OptimizerSettings:
-    """Hyper-parameters of the optimiser; F2PAD's come from ``F2PADSettings.optimizer`` (defaults live there)."""
+    """Hyper-parameters of the optimiser; F2PAD's come from its settings through :meth:`of` (defaults live there)."""
 
     lr: float
     clip: float
@@ -46,6 +51,23 @@ class OptimizerSettings:
     betas: tuple[float, float, float] = (0.98, 0.92, 0.99)
     patience: int = 10
     min_iterations: int = 0
+    raw_change: bool = False
+
+    @classmethod
+    def of(cls, settings: F2PADSettings, default_tolerance: float) -> OptimizerSettings:
+        """The optimiser's part of F2PAD's ``settings``; ``default_tolerance`` (the scorer's) where theirs is ``None``."""
+        return cls(
+            lr=settings.lr,
+            clip=settings.clip,
+            kernel_size=settings.kernel_size,
+            sigma_space=settings.sigma_space,
+            sigma_color=settings.sigma_color,
+            boost=settings.step_boost,
+            eps=settings.log_eps,
+            tolerance=default_tolerance if settings.tolerance is None else settings.tolerance,
+            max_iterations=settings.max_iterations,
+            raw_change=settings.stop_on_raw_change,
+        )
 
 
 class GradientSharing:
@@ -173,7 +195,9 @@ def minimise(
             best_estimate[improved] = estimate[improved]
             values_seen.append(values.detach())
             best_seen.append(best.clone())
-            if iteration >= max(settings.patience, settings.min_iterations):
+            if settings.raw_change and iteration >= max(1, settings.min_iterations):
+                active &= values_seen[-2] - values_seen[-1] >= settings.tolerance
+            elif not settings.raw_change and iteration >= max(settings.patience, settings.min_iterations):
                 gain = (best_seen[-1 - settings.patience] - best) / settings.patience
                 active &= gain >= settings.tolerance
         if iteration == settings.max_iterations or not active.any():

@@ -66,6 +66,13 @@ class PixelPrior(nn.Module):
         self.precisions = torch.as_tensor(mixture.precisions_[keep], dtype=torch.float32, device=device)
         return self
 
+    def fit_images(self, images: torch.Tensor, max_pixels: int) -> PixelPrior:
+        """Fit to the pixels of [0, 1] images ``(B, C, H, W)``, a random ``max_pixels`` of them if there are more."""
+        pixels = images.permute(0, 2, 3, 1).reshape(-1, images.shape[1])
+        if pixels.shape[0] > max_pixels:
+            pixels = pixels[torch.randperm(pixels.shape[0])[:max_pixels]]
+        return self.fit(pixels)
+
     def to_config(self) -> dict[str, list]:
         """The fitted components as plain lists (empty when not fitted)."""
         return {"means": self.means.tolist(), "precisions": self.precisions.tolist()}

@@ -5,18 +5,20 @@
 3. The starts X_N^0 (``starts``, see ``settings.STARTS``). Inpainting R fills from pixels outside the dilated
    mask; inpainting the initial mask alone fills from its border, which lies inside the defect wherever the
    coarse mask is smaller than or offset from it, so X_N^0 keeps the defect's colour there and the refined
-   mask shrinks (benchmarks/README.md, issue 11). R inpainted everywhere starts normal pixels of the ring
+   mask shrinks. R inpainted everywhere starts normal pixels of the ring
    R minus the mask away from X too, which the sparsity term must pull back; R's fill inside the mask only
    starts them at X. J is not convex, so with several starts each is minimised and the lowest J is kept.
 4. Cut a common crop around R (the features outside it cannot change); fix the model's
-   initial-estimate quantities (PatchCore's candidate neighbours) and the feature-term scale at the first
-   start, so that every start minimises the same J; the sparsity weight is lambda0 / (fraction of the image
-   the initial mask covers).
+   initial-estimate quantities (PatchCore's candidate neighbours) and the feature-term scale g0
+   (``scale_feature_term``) at the first start, so that every start minimises the same J; the sparsity
+   weight is lambda0 / (fraction of the image the initial mask covers).
 5. Minimise J over R with the optimiser from each start and keep the estimate with the lowest J; the mask is
    where the channel norm of A = X - X_N, median-filtered over ``median_size`` windows (:func:`denoise_magnitude`),
-   exceeds ``mask_threshold``; the mask then grows into connected pixels of a colour the pixel prior rejects
-   (``colour_growth``, :mod:`growth`).
+   exceeds ``mask_threshold``; the mask then grows into connected pixels of a colour the pixel prior rejects,
+   at most ``growth_margin`` pixels beyond R (``colour_growth``, :mod:`growth`).
 6. Re-estimation: minimise J again without the sparsity term, over the final mask only, to recover X_N.
+7. Trust (:mod:`trust`): an image keeps its initial mask where the refined one explains too little of the score
+   R's inpainting removes (``min_explained``) or lies mostly where it lowers no score (``max_unexplained_area``).
 Images of another size than ``working_size`` are resized to it and the results resized back.
 """
 
@@ -36,6 +38,7 @@ from .optimizer import GradientSharing, OptimizerSettings, check_finite, minimis
 from .prior import PixelPrior
 from .scorers import DifferentiableScorer
 from .settings import F2PADSettings
+from .trust import explained, unexplained_area
 from .window import dilate, positions_touched
 
 
@@ -61,13 +64,25 @@ def initial_estimates(
     starts: tuple[str, ...],
 ) -> list[torch.Tensor]:
     """X_N^0 for each name in ``starts`` (``settings.STARTS``), ``(B, C, H, W)`` each; R is inpainted once."""
+    inpainted = inpaint(observed, initial_masks, region, inpainter, starts)
+    return [inpainted[name] for name in starts]
+
+
+def inpaint(
+    observed: torch.Tensor,
+    initial_masks: torch.Tensor,
+    region: torch.Tensor,
+    inpainter: Inpainter,
+    names: tuple[str, ...],
+) -> dict[str, torch.Tensor]:
+    """The fills of :data:`~.settings.STARTS` named in ``names`` (more where they come free), by name."""
     inpainted: dict[str, torch.Tensor] = {}
-    if "mask" in starts:
+    if "mask" in names:
         inpainted["mask"] = inpainter(observed, initial_masks)
-    if {"region", "region_in_mask"} & set(starts):
+    if {"region", "region_in_mask"} & set(names):
         inpainted["region"] = inpainter(observed, region)
         inpainted["region_in_mask"] = torch.where(initial_masks[:, None], inpainted["region"], observed)
-    return [inpainted[name] for name in starts]
+    return inpainted
 
 
 @dataclass
@@ -80,10 +95,12 @@ class Refinement:
         normal_image: recovered normal images ``(B, C, H, W)`` in [0, 1].
         initial_normal_image: the start X_N^0 whose solve reached the lowest J, ``(B, C, H, W)``.
         iterations: optimiser iterations per image (all solves), ``(B,)``.
-        explained: share of the anomaly score that the first start X_N^0 removes which the recovered
-            normal image removes too, changing only the refined mask's pixels, ``(B,)`` (see :func:`explained`).
-        fallback: images whose refinement was not trusted (``explained < min_explained``) and whose
-            ``pred_mask`` is the initial mask, ``(B,)`` bool.
+        explained: share of the anomaly score that R inpainted removes which the recovered normal image
+            removes too, changing only the refined mask's pixels, ``(B,)`` (:func:`.trust.explained`).
+        unexplained_area: share of the refined mask lying where it lowers no score, ``(B,)``
+            (:func:`.trust.unexplained_area`).
+        fallback: images whose refinement was not trusted (``explained < min_explained`` or
+            ``unexplained_area > max_unexplained_area``) and whose ``pred_mask`` is the initial mask, ``(B,)`` bool.
     """
 
     pred_mask: torch.Tensor
@@ -92,6 +109,7 @@ class Refinement:
     initial_normal_image: torch.Tensor
     iterations: torch.Tensor
     explained: torch.Tensor
+    unexplained_area: torch.Tensor
     fallback: torch.Tensor
 
     @classmethod
@@ -105,6 +123,7 @@ class Refinement:
             initial_normal_image=images.clone(),
             iterations=torch.zeros(batch, dtype=torch.long, device=images.device),
             explained=torch.ones(batch, dtype=images.dtype, device=images.device),
+            unexplained_area=torch.zeros(batch, dtype=images.dtype, device=images.device),
             fallback=torch.zeros(batch, dtype=torch.bool, device=images.device),
         )
 
@@ -146,24 +165,15 @@ def refine(
             refined = _resize(refined, images[index : index + 1], settings.mask_threshold)
         for name in _FIELDS:
             getattr(result, name)[index] = getattr(refined, name)[0]
-    return result.fall_back(initial_masks, result.explained < settings.min_explained)
+    untrusted = result.explained < settings.min_explained
+    if settings.max_unexplained_area is not None:
+        untrusted |= result.unexplained_area > settings.max_unexplained_area
+    return result.fall_back(initial_masks, untrusted)
 
 
-_FIELDS = ("pred_mask", "magnitude", "normal_image", "initial_normal_image", "iterations", "explained")
-
-
-def explained(observed: torch.Tensor, start: torch.Tensor, recovered: torch.Tensor) -> torch.Tensor:
-    """Share of the score drop ``observed - start`` that ``recovered`` achieves, in [0, 1]; ``(B,)``.
-
-    ``observed``, ``start`` and ``recovered`` are the feature term L at the input X, at the inpainted
-    start X_N^0 and at the recovered normal image X_N. X_N may differ from X only inside the refined mask
-    (the re-estimation frees exactly those pixels), so a share near 1 says the refined mask holds what made
-    the region anomalous, and a share near 0 that the anomaly lies (mostly) outside it. Where inpainting
-    lowers no score, nothing is to be explained and the share is 1.
-    """
-    drop = observed - start
-    share = (observed - recovered) / drop.clamp_min(1e-12)
-    return torch.where(drop > 0, share.clamp(0, 1), torch.ones_like(share))
+_FIELDS = (
+    "pred_mask", "magnitude", "normal_image", "initial_normal_image", "iterations", "explained", "unexplained_area"
+)
 
 
 def _refine_at_model_size(
@@ -174,9 +184,10 @@ def _refine_at_model_size(
     prior: PixelPrior | None,
     settings: F2PADSettings,
 ) -> Refinement:
-    """Steps 2-6 for images that all have a non-empty mask."""
+    """Steps 2-7 for images that all have a non-empty mask (the trust measures; the fallback is left to refine)."""
     region = dilate(initial_masks, settings.dilation)
-    starts = initial_estimates(observed, initial_masks, region, inpainter, settings.starts)
+    inpainted = inpaint(observed, initial_masks, region, inpainter, (*settings.starts, "region"))
+    starts = [inpainted[name] for name in settings.starts]
     window = scorer.window(region, settings.crop_margin)
     observed_crop, region_crop = window.crop(observed), window.crop(region)
     start_crop = window.crop(starts[0])
@@ -198,11 +209,11 @@ def _refine_at_model_size(
         prior_weight=settings.prior_weight,
         smoothness_weight=settings.smoothness_weight,
     )
-    objective = replace(objective, feature_scale=calibrate_feature_scale(objective, start_crop))
-    optimizer = settings.optimizer(scorer.tolerance)
-    score_observed = objective.feature_score(observed_crop)
-    with torch.no_grad():  # L at the start, from the embedding the candidates were chosen on
-        score_start = (scores(initial_embedding) * positions).flatten(1).sum(1)
+    if settings.scale_feature_term:
+        objective = replace(objective, feature_scale=calibrate_feature_scale(objective, start_crop))
+    optimizer = OptimizerSettings.of(settings, scorer.tolerance)
+    scores_observed = objective.position_scores(observed_crop)
+    score_region_inpainted = objective.feature_score(window.crop(inpainted["region"]))
     normal, chosen, iterations = lowest_energy_solve(
         objective, [window.crop(start) for start in starts], observed_crop, region_crop, optimizer,
         settings.share_gradients,
@@ -213,7 +224,7 @@ def _refine_at_model_size(
     if settings.colour_growth is not None and objective.prior is not None and mask.any():
         mask, magnitude = grow_into_colour_outliers(
             mask, magnitude, observed_crop, objective.prior, settings.colour_growth, settings.mask_threshold,
-            settings.median_size,
+            settings.median_size, within=dilate(region_crop, settings.growth_margin),
         )
     if settings.reestimate and mask.any():
         recovery = replace(objective, region=mask, sparsity_weight=torch.zeros_like(objective.sparsity_weight))
@@ -223,7 +234,10 @@ def _refine_at_model_size(
         )
         iterations = iterations + recovery_trace.iterations
     recovered = torch.where(mask[:, None], normal, observed_crop)  # X changed only inside the refined mask
-    share = explained(score_observed, score_start, objective.feature_score(recovered))
+    drop = scores_observed - objective.position_scores(recovered)
+    score_observed = scores_observed.flatten(1).sum(1)
+    share = explained(score_observed, score_region_inpainted, score_observed - drop.flatten(1).sum(1))
+    unexplained = unexplained_area(mask, drop, judged=score_observed > score_region_inpainted)
     return Refinement(
         pred_mask=window.paste(mask, torch.zeros_like(initial_masks)),
         magnitude=window.paste(magnitude, torch.zeros_like(initial_masks, dtype=observed.dtype)),
@@ -231,6 +245,7 @@ def _refine_at_model_size(
         initial_normal_image=start,
         iterations=iterations,
         explained=share,
+        unexplained_area=unexplained,
         fallback=torch.zeros_like(share, dtype=torch.bool),
     )
 
@@ -286,5 +301,6 @@ def _resize(refined: Refinement, observed: torch.Tensor, mask_threshold: float) 
         initial_normal_image=restore(refined.initial_normal_image),
         iterations=refined.iterations,
         explained=refined.explained,
+        unexplained_area=refined.unexplained_area,
         fallback=refined.fallback,
     )

@@ -1,19 +1,21 @@
 """F2PAD's settings: one frozen object, its defaults written here only.
 
-:class:`~anomalib_mlff.post_processing.f2pad.F2PAD` takes every field as a flat constructor argument
-(anomalib's CLI and YAML need them; its signature is built from these fields), builds one
-:class:`F2PADSettings` from them and saves and restores it whole with the checkpoint. :func:`refine`
-takes the same object. Adding a setting is adding a field here (with its docstring).
-Pixel quantities are in [0, 1] pixel units and pixels at the model's input size; defaults are the
-paper's where it gives them.
+:class:`~anomalib_mlff.post_processing.f2pad.F2PAD` takes a :class:`F2PADSettings` and every field as a flat
+constructor argument (anomalib's CLI and YAML need them; ``arguments.py`` builds its signature from these
+fields) and saves and restores the object whole with the checkpoint. :func:`refine` takes the same object.
+Adding a setting is adding a field here (with its docstring). Pixel quantities are in [0, 1] pixel units and
+pixels at the model's input size; where a default differs from the paper, the field says why and F2PAD's
+README.md lists it under Fidelity.
+
+The defaults are the project's method. Where it departs from the paper's procedure the departure is a setting
+whose docstring says so, and the preset ``"paper"`` (:data:`PRESETS`, ``F2PADSettings.paper()``,
+``F2PAD(preset="paper")``) sets every one of them back to the paper's choice.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 from typing import Any
-
-from .optimizer import OptimizerSettings
 
 #: The starts X_N^0 F2PAD can solve from; each is the observed image X with some pixels inpainted.
 STARTS = {
@@ -52,14 +54,17 @@ class F2PADSettings:
     mask_threshold: float = 0.1
     """A pixel is anomalous where |A| (median-filtered over ``median_size``) exceeds this."""
     median_size: int = 5
-    """Window of the median filter on |A| before the threshold (odd; 1: none), so that a pixel is anomalous where
-    most of its window is. 5: on the seed-1 sweep it removed the speckle inside defects whose pixels partly share
-    the normal colour and raised the mean IoU gain on both protocols and both models (benchmarks/README.md)."""
+    """Window of the median filter on |A| before the threshold (odd; 1: none, the paper's mask rule), so that a
+    pixel is anomalous where most of its window is. 5 removes the speckle inside defects whose pixels partly
+    share the normal colour and raises the mean IoU gain on both protocols and both models (README.md, Fidelity)."""
     colour_growth: float | None = 9.0
     """The refined mask grows into every connected region of pixels touching it whose prior cost (squared
     Mahalanobis distance to the nearest colour component, median-filtered over ``median_size``) exceeds this
     (``growth.py``); ``None``: no growth. 9: the colour a tint of 0.1 gives grey, at the prior's floor variance
-    ``prior_reg_covar``; chosen on the seed-1 sweep (benchmarks/README.md)."""
+    ``prior_reg_covar``; chosen on ``bench_f2pad.py`` (README.md, Fidelity). Not in the paper (``None``)."""
+    growth_margin: int = 32
+    """Colour growth reaches at most this many pixels beyond R, so the map is 0 outside R plus this margin whatever
+    the scorer (whole-image scorers included). 32: the default ``crop_margin``, the context cropping scorers see."""
     initial_threshold: float | None = None
     """Raw anomaly-map threshold of the initial mask; ``None``: the post-processor's F1-optimal pixel threshold."""
     lr: float = 0.01
@@ -77,33 +82,59 @@ class F2PADSettings:
     tolerance: float | None = None
     """Stop when the objective decreases by less than this per iteration; ``None``: the scorer's default (paper:
     0.1 for PaDiM, 0.05 otherwise)."""
+    stop_on_raw_change: bool = False
+    """The paper's stopping rule: stop when J's raw decrease between two consecutive iterations is below
+    ``tolerance``. ``False``: when the best J's mean decrease over the last 10 iterations is, since Adan's first,
+    sign-like steps trip the paper's rule at once (``optimizer.py``)."""
     max_iterations: int = 50
-    """Iteration cap of each main solve (one per start). 50: on the seed-1 sweep the masks after 50 iterations
-    matched those after 1,200 within 1 IoU point (benchmarks/README.md)."""
+    """Iteration cap of each main solve (one per start); the paper's is 1,200. 50: the masks after 50 iterations
+    matched those after 1,200 within 1 IoU point at a quarter of the time (README.md, Fidelity)."""
     reestimate: bool = True
     """Re-estimate the normal image inside the final mask without the sparsity term."""
     reestimation_iterations: int = 25
-    """Iteration cap of the re-estimation (same sweep)."""
+    """Iteration cap of the re-estimation (measured with ``max_iterations``). The paper states no separate cap:
+    it solves (12) again, under its one cap of 1,200."""
     min_explained: float = 0.5
     """Do no harm: an image keeps the backbone's mask (and map) unless the recovered normal image, changed only
-    inside the refined mask, removes at least this share of the anomaly score that the first start removes
-    (``Refinement.explained``); 0 trusts every refinement."""
+    inside the refined mask, removes at least this share of the anomaly score that R inpainted removes
+    (``Refinement.explained``); 0 trusts every refinement. Not in the paper (0)."""
+    max_unexplained_area: float | None = 0.5
+    """Do no harm: an image keeps the backbone's mask (and map) if more than this share of its refined mask lies
+    where the recovered normal image lowered no score (``Refinement.unexplained_area``): a mask grown far beyond
+    what the removed score explains, which ``min_explained`` cannot see (adding pixels only raises it).
+    ``None``: no such limit. Not in the paper (``None``)."""
     starts: tuple[str, ...] = ("region", "region_in_mask")
     """The starts X_N^0 solved from (:data:`STARTS`); per image the solve with the lowest objective J is kept.
     Default: R inpainted and R's fill inside the initial mask only. ``("mask",)`` inpaints only the initial mask,
-    as the paper's text reads, whose fill then comes from the mask's border: inside the defect wherever the
-    coarse mask misses part of it (benchmarks/README.md)."""
+    the paper's start, whose fill then comes from the mask's border: inside the defect wherever the coarse mask
+    misses part of it (README.md, Fidelity)."""
+    scale_feature_term: bool = True
+    """Divide the feature term by g0, the median feature-gradient norm over R at the start (``objective.py``), so
+    that the pixel-level weights compare with a feature gradient of 1 whatever the backbone. ``False``: the
+    paper's unscaled sum of scores."""
     calibration_images: int = 0
     """Normal training images on which, when training ends, synthetic defects are drawn and the sparsity, prior
     and TV weights and the mask threshold chosen (``calibration.py``); 0 keeps the given weights. Opt-in: on
     bench_f2pad.py the chosen weights lowered IoU on the paper's protocol and did not raise it on realistic
-    defects (benchmarks/README.md)."""
+    defects (README.md, Fidelity)."""
     calibration_veto: bool = False
     """If no choice beat the initial masks on the calibration's synthetic defects, keep every backbone mask."""
     share_gradients: bool = True
     """Local gradient sharing on (off gives plain Adan)."""
     replace_anomaly_map: bool = True
     """Put the map of |A| (mask threshold at 0.5) into ``anomaly_map``."""
+
+    @classmethod
+    def from_preset(cls, name: str | None, **overrides: Any) -> F2PADSettings:  # noqa: ANN401
+        """The settings of preset ``name`` (:data:`PRESETS`; ``None``: the defaults), with ``overrides`` on top."""
+        if name is not None and name not in PRESETS:
+            raise ValueError(f"F2PAD: preset must be one of {sorted(PRESETS)} or None; got {name!r}.")
+        return cls(**{**PRESETS.get(name, {}), **overrides})
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> F2PADSettings:  # noqa: ANN401
+        """F2PAD as published (:data:`PAPER`), with ``overrides`` on top."""
+        return cls.from_preset("paper", **overrides)
 
     def __post_init__(self) -> None:
         if not isinstance(self.starts, str):  # YAML and checkpoints give lists; a string is refused below
@@ -112,20 +143,12 @@ class F2PADSettings:
         check_median_size(self.median_size)
         if self.colour_growth is not None and not self.colour_growth > 0:
             raise ValueError(f"F2PAD: colour_growth must be a positive prior cost or None; got {self.colour_growth!r}.")
-
-    def optimizer(self, default_tolerance: float) -> OptimizerSettings:
-        """The optimiser's settings; ``default_tolerance`` (the scorer's) where ``tolerance`` is ``None``."""
-        return OptimizerSettings(
-            lr=self.lr,
-            clip=self.clip,
-            kernel_size=self.kernel_size,
-            sigma_space=self.sigma_space,
-            sigma_color=self.sigma_color,
-            boost=self.step_boost,
-            eps=self.log_eps,
-            tolerance=default_tolerance if self.tolerance is None else self.tolerance,
-            max_iterations=self.max_iterations,
-        )
+        if isinstance(self.growth_margin, bool) or not isinstance(self.growth_margin, int) or self.growth_margin < 0:
+            raise ValueError(f"F2PAD: growth_margin must be a non-negative integer; got {self.growth_margin!r}.")
+        if self.max_unexplained_area is not None and not self.max_unexplained_area >= 0:
+            raise ValueError(
+                f"F2PAD: max_unexplained_area must be a share >= 0 or None; got {self.max_unexplained_area!r}."
+            )
 
     def to_config(self) -> dict[str, Any]:
         """Plain data for the checkpoint."""
@@ -138,6 +161,23 @@ class F2PADSettings:
         """The settings a checkpoint saved; a setting it predates keeps its default."""
         names = setting_names()
         return cls(**{name: value for name, value in config.items() if name in names})
+
+
+#: The paper's procedure (Cao et al., III-D/E, IV-A): every setting in which the project's defaults depart from it.
+PAPER: dict[str, Any] = {
+    "starts": ("mask",),  # one start: the initial mask inpainted
+    "stop_on_raw_change": True,  # stop on J's raw decrease between two iterations
+    "max_iterations": 1200,  # the paper's cap
+    "reestimation_iterations": 1200,  # the re-estimation solves (12) again, under the same cap
+    "median_size": 1,  # the mask is where |A| exceeds the threshold, unfiltered
+    "colour_growth": None,  # the mask stays inside R
+    "min_explained": 0.0,  # every refinement replaces the backbone's mask
+    "max_unexplained_area": None,
+    "scale_feature_term": False,  # the feature term is the plain sum of scores
+}
+
+#: Named presets: the settings each changes from the defaults.
+PRESETS: dict[str, dict[str, Any]] = {"paper": PAPER}
 
 
 def setting_names() -> tuple[str, ...]:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import torch
+from anomalib.data import Batch
 from anomalib.visualization.image.functional import (
     add_text_to_image,
     create_image_grid,
@@ -10,6 +14,9 @@ from anomalib.visualization.image.functional import (
     visualize_mask,
 )
 from PIL import Image
+
+if TYPE_CHECKING:
+    from .refinement import Refinement
 
 
 def refinement_figure(
@@ -31,6 +38,19 @@ def refinement_figure(
         panels.append(("ground truth", _mask(gt_mask)))
     labelled = [add_text_to_image(picture, title, size=max(10, picture.height // 16)) for title, picture in panels]
     return create_image_grid(labelled, nrow=len(labelled))
+
+
+def save_figures(directory: Path, batch: Batch, images: torch.Tensor, result: Refinement) -> None:
+    """One :func:`refinement_figure` per image of ``batch`` in ``directory``, named after the image's last two path
+    parts (``good_000.png``); ``images`` are the batch's [0, 1] images."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = batch.image_path or [f"image_{index}" for index in range(images.shape[0])]
+    gt_masks = batch.gt_mask if batch.gt_mask is not None else [None] * images.shape[0]
+    for path, image, normal, mask, gt_mask in zip(
+        paths, images, result.normal_image, result.pred_mask, gt_masks, strict=True
+    ):
+        name = "_".join(Path(path).with_suffix("").parts[-2:]) + ".png"
+        refinement_figure(image, normal, mask, gt_mask).save(directory / name)
 
 
 def _picture(image: torch.Tensor) -> Image.Image:
