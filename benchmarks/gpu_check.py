@@ -64,7 +64,7 @@ class Check:
     name: str
     what: str
     seconds: float
-    run: Callable[[Path, bool], list[tuple[str, str, str]]]
+    run: Callable[[Path, bool, float], list[tuple[str, str, str]]]  # (root, smoke, deadline) -> rows
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -148,7 +148,7 @@ def choose_faiss(cuda_major: str, wheels: Path | None, root: Path) -> tuple[Path
 # the checks (run in the child interpreter)
 
 
-def _device(smoke: bool) -> str:
+def _device() -> str:
     import torch  # noqa: PLC0415
 
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -170,14 +170,14 @@ def _timed(function: Callable[[], object], device: str, repeats: int = 1) -> tup
     return best, result
 
 
-def check_search(_root: Path, smoke: bool) -> list[tuple[str, str, str]]:
+def check_search(_root: Path, smoke: bool, _deadline: float = float("inf")) -> list[tuple[str, str, str]]:
     """Exact FAISS search of a PatchCore-sized bank on the device against the same search on the CPU."""
     import torch  # noqa: PLC0415
 
     from anomalib_mlff import FaissMemoryBank  # noqa: PLC0415
     from anomalib_mlff.components.memory_bank import faiss_gpu_available  # noqa: PLC0415
 
-    device = _device(smoke)
+    device = _device()
     rows, queries_n, dim = (2_000, 512, 64) if smoke else (20_000, 16_384, 1536)
     generator = torch.Generator().manual_seed(0)
     bank, queries = torch.randn(rows, dim, generator=generator), torch.randn(queries_n, dim, generator=generator)
@@ -192,14 +192,14 @@ def check_search(_root: Path, smoke: bool) -> list[tuple[str, str, str]]:
              f"{cpu_s / seconds:.1f}x, nearest agrees on {agree:.4f}")]
 
 
-def check_approximate(_root: Path, smoke: bool) -> list[tuple[str, str, str]]:
+def check_approximate(_root: Path, smoke: bool, _deadline: float = float("inf")) -> list[tuple[str, str, str]]:
     """IVF flat and IVF fp16 on the device: recall@1 against exact search, and time."""
     import torch  # noqa: PLC0415
 
     from anomalib_mlff import FaissMemoryBank  # noqa: PLC0415
     from anomalib_mlff.components.memory_bank import faiss_gpu_available  # noqa: PLC0415
 
-    device = _device(smoke)
+    device = _device()
     rows, queries_n, dim = (4_000, 512, 64) if smoke else (50_000, 16_384, 1536)
     generator = torch.Generator().manual_seed(1)
     bank, queries = torch.randn(rows, dim, generator=generator), torch.randn(queries_n, dim, generator=generator)
@@ -291,7 +291,7 @@ def check_models(root: Path, smoke: bool, deadline: float = float("inf")) -> lis
     from anomalib_mlff import F2PAD  # noqa: PLC0415
     from anomalib_mlff.data import EMBEDDED_ROOT  # noqa: PLC0415
 
-    device = _device(smoke)
+    device = _device()
     size = 64 if smoke else 256
     subset = _small_mvtec(root / "f2pad_subset", defects_per_kind=1 if smoke else 2, good=0)
     f2pad_args = {"max_iterations": 2, "reestimation_iterations": 1, "calibration_images": 1} if smoke else {}
@@ -331,14 +331,14 @@ def check_models(root: Path, smoke: bool, deadline: float = float("inf")) -> lis
     return rows
 
 
-def check_coreset(_root: Path, smoke: bool) -> list[tuple[str, str, str]]:
+def check_coreset(_root: Path, smoke: bool, _deadline: float = float("inf")) -> list[tuple[str, str, str]]:
     """The project's greedy coreset on the device against anomalib's ``KCenterGreedy`` on the same device."""
     import torch  # noqa: PLC0415
     from anomalib.models.components import KCenterGreedy  # noqa: PLC0415
 
     from anomalib_mlff import greedy_coreset  # noqa: PLC0415
 
-    device = _device(smoke)
+    device = _device()
     rows, dim = (2_000, 64) if smoke else (40_000, 1536)
     embeddings = torch.randn(rows, dim, generator=torch.Generator().manual_seed(0)).to(device)
 
@@ -355,7 +355,7 @@ def check_coreset(_root: Path, smoke: bool) -> list[tuple[str, str, str]]:
              f"{theirs_s / ours_s:.1f}x, radius ratio {ratio:.3f}")]
 
 
-def check_ddp(root: Path, smoke: bool) -> list[tuple[str, str, str]]:
+def check_ddp(root: Path, smoke: bool, _deadline: float = float("inf")) -> list[tuple[str, str, str]]:
     """A DDP fit of FaissPatchcore over every visible GPU (Lightning launches the ranks)."""
     import torch  # noqa: PLC0415
 
@@ -411,7 +411,7 @@ def run_checks(root: Path, smoke: bool, budget_s: float) -> None:
             continue
         began = time.perf_counter()
         try:
-            rows = check.run(root, smoke, start + budget_s) if check.run is check_models else check.run(root, smoke)
+            rows = check.run(root, smoke, start + budget_s)
         except Exception as error:  # noqa: BLE001 - one broken path must not hide the others
             rows = [(check.name, "FAILED", _last_line(error))]
         for row in rows:
