@@ -213,7 +213,11 @@ def _refine_at_model_size(
         objective = replace(objective, feature_scale=calibrate_feature_scale(objective, start_crop))
     optimizer = OptimizerSettings.of(settings, scorer.tolerance)
     scores_observed = objective.position_scores(observed_crop)
-    score_region_inpainted = objective.feature_score(window.crop(inpainted["region"]))
+    if settings.starts[0] == "region":  # R inpainted is the first start: its embedding is already at hand
+        with torch.no_grad():
+            score_region_inpainted = (scores(initial_embedding) * positions).flatten(1).sum(1)
+    else:
+        score_region_inpainted = objective.feature_score(window.crop(inpainted["region"]))
     normal, chosen, iterations = lowest_energy_solve(
         objective, [window.crop(start) for start in starts], observed_crop, region_crop, optimizer,
         settings.share_gradients,
