@@ -30,6 +30,7 @@ PAPER = {
     "colour_growth": None,
     "min_explained": 0.0,
     "max_unexplained_area": None,
+    "mask_patience": None,
     "scale_feature_term": False,
 }
 

@@ -18,10 +18,14 @@ SETTINGS = fields(F2PADSettings)
 LAST = SETTINGS[-1]
 
 
-def changed(value: Any) -> Any:  # noqa: ANN401
-    """A valid value other than ``value`` (a default), by its type."""
+#: A valid value for the settings whose default is ``None`` and which take no share in [0, 1].
+NONE_DEFAULT_EXAMPLES = {"images_per_solve": 4}
+
+
+def changed(value: Any, name: str = "") -> Any:  # noqa: ANN401
+    """A valid value other than ``value`` (the default of setting ``name``), by its type."""
     if value is None:
-        return 0.25
+        return NONE_DEFAULT_EXAMPLES.get(name, 0.25)
     if isinstance(value, bool):
         return not value
     if isinstance(value, int):
@@ -34,7 +38,7 @@ def changed(value: Any) -> Any:  # noqa: ANN401
 
 
 def non_default_settings() -> dict[str, Any]:
-    return {field.name: changed(field.default) for field in SETTINGS}
+    return {field.name: changed(field.default, field.name) for field in SETTINGS}
 
 
 @pytest.mark.parametrize("field", SETTINGS, ids=[field.name for field in SETTINGS])
@@ -43,7 +47,7 @@ def test_every_setting_is_a_flat_argument_with_its_one_default(field) -> None:  
     parameter = inspect.signature(F2PAD).parameters[field.name]
     assert parameter.default == field.default
     assert getattr(F2PAD(), field.name) == field.default
-    value = changed(field.default)
+    value = changed(field.default, field.name)
     f2pad = F2PAD(**{field.name: value})
     assert getattr(f2pad.settings, field.name) == value
     assert getattr(f2pad, field.name) == value
@@ -62,7 +66,7 @@ def test_settings_survive_a_checkpoint_round_trip_including_the_last_added() -> 
     assert restored.post_processor.settings == F2PADSettings()
     restored.on_load_checkpoint(saved)
     assert restored.post_processor.settings == model.post_processor.settings
-    assert getattr(restored.post_processor, LAST.name) == changed(LAST.default) != LAST.default
+    assert getattr(restored.post_processor, LAST.name) == changed(LAST.default, LAST.name) != LAST.default
 
 
 def test_a_checkpoint_that_predates_a_setting_gives_it_its_default() -> None:

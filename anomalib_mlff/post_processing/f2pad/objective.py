@@ -13,6 +13,7 @@ The paper's objective has no g0 (``scale_feature_term=False`` keeps g0 = 1).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -106,6 +107,34 @@ class Objective:
         """J per image, ``(B,)``."""
         return self.terms(normal).total
 
+    def select(self, rows: torch.Tensor) -> Objective:
+        """J of the images ``rows`` alone: the backbone then runs on those images only.
+
+        The score function was prepared for the whole batch, so the selected images' embedding is put back at
+        their places in a batch of zeros before scoring, and the other images' scores are dropped.
+        """
+        scores, batch = self.scores, self.observed.shape[0]
+
+        def selected(embedding: torch.Tensor) -> torch.Tensor:
+            whole = embedding.new_zeros((batch, *embedding.shape[1:])).index_copy(0, rows, embedding)
+            return scores(whole)[rows]
+
+        return replace(self._per_image(lambda tensor: tensor[rows]), scores=selected)
+
+    def repeat(self, times: int) -> Objective:
+        """J of a batch of ``times`` stacked copies of the images (``torch.cat`` order), e.g. one per start."""
+        scores, batch = self.scores, self.observed.shape[0]
+
+        def repeated(embedding: torch.Tensor) -> torch.Tensor:
+            return torch.cat([scores(part) for part in embedding.split(batch)])
+
+        tiled = self._per_image(lambda tensor: tensor.repeat(times, *[1] * (tensor.ndim - 1)))
+        return replace(tiled, scores=repeated)
+
+    def _per_image(self, transform: Callable[[torch.Tensor], torch.Tensor]) -> Objective:
+        """This objective with ``transform`` applied to each per-image tensor."""
+        return replace(self, **{name: transform(getattr(self, name)) for name in _PER_IMAGE})
+
     def feature_score(self, images: torch.Tensor) -> torch.Tensor:
         """The unscaled feature term L (the model's scores summed over the touched positions), ``(B,)``."""
         return self.position_scores(images).flatten(1).sum(1)
@@ -114,6 +143,10 @@ class Objective:
         """The model's scores at the touched positions (0 elsewhere), ``(B, h, w)`` on the scorer's grid."""
         with torch.no_grad():
             return self.scores(self.scorer.embed(images)) * self.positions
+
+
+#: The fields of :class:`Objective` that hold one entry per image.
+_PER_IMAGE = ("observed", "region", "positions", "feature_scale", "sparsity_weight")
 
 
 class NonFiniteError(ValueError):

@@ -13,15 +13,17 @@ Each iteration:
 An image stops when its best objective value improved by less than ``tolerance`` per iteration,
 averaged over the last ``patience`` iterations; with ``raw_change``, by the paper's rule instead: when the
 objective's raw decrease between two consecutive iterations is below ``tolerance`` (Adan's first, sign-like
-steps often trip it at once). Either way it keeps its best estimate. The loop ends when all images have
-stopped or after ``max_iterations``.
+steps often trip it at once). With ``mask_patience`` and a mask rule, an image also stops once the mask of its
+best estimate changed in at most ``mask_change`` of its pixels over the last ``mask_patience`` iterations. Either way it keeps its best estimate. The loop ends
+when all images have stopped or after ``max_iterations``; each iteration evaluates the objective (the
+backbone's forward and backward pass) on the images still running only.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -52,6 +54,8 @@ class OptimizerSettings:
     patience: int = 10
     min_iterations: int = 0
     raw_change: bool = False
+    mask_patience: int | None = None
+    mask_change: float = 0.0
 
     @classmethod
     def of(cls, settings: F2PADSettings, default_tolerance: float) -> OptimizerSettings:
@@ -67,6 +71,8 @@ class OptimizerSettings:
             tolerance=default_tolerance if settings.tolerance is None else settings.tolerance,
             max_iterations=settings.max_iterations,
             raw_change=settings.stop_on_raw_change,
+            mask_patience=settings.mask_patience,
+            mask_change=settings.mask_change,
         )
 
 
@@ -127,10 +133,17 @@ class GradientSharing:
             return coo.coalesce().to_sparse_csr()
 
     def __call__(self, gradient: torch.Tensor) -> torch.Tensor:
-        """Shared gradient ``(B, C, H, W)``, zero outside the region."""
+        """Shared gradient ``(B, C, H, W)``, zero outside the region.
+
+        ``B`` may be a multiple of the guidance's batch (several starts stacked, ``torch.cat`` order): each copy
+        is shared with the same weights, as extra columns of the one sparse product.
+        """
         batch, channels, height, width = gradient.shape
-        flat = gradient.permute(0, 2, 3, 1).reshape(-1, channels)
-        return (self.matrix @ flat).reshape(batch, height, width, channels).permute(0, 3, 1, 2)
+        own = self.free.shape[0]
+        times = batch // own
+        flat = gradient.reshape(times, own, channels, height, width).permute(1, 3, 4, 0, 2).reshape(-1, times * channels)
+        shared = (self.matrix @ flat).reshape(own, height, width, times, channels)
+        return shared.permute(3, 0, 4, 1, 2).reshape(batch, channels, height, width)
 
 
 def share_gradients(
@@ -153,10 +166,46 @@ def step_scale(anomalous_part: torch.Tensor, boost: float, eps: float) -> torch.
 
 @dataclass
 class OptimisationTrace:
-    """What a run did: objective per iteration (``(T, B)``) and iterations each image ran."""
+    """What a run did: objective per iteration (``(T, B)``; a stopped image keeps its last value, as its estimate
+    no longer moves) and iterations each image ran."""
 
     values: torch.Tensor
     iterations: torch.Tensor
+    best: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.best = self.values.amin(0)  # J at the returned estimate, which is each image's best iterate
+
+
+def evaluate_rows(
+    objective: Callable[[torch.Tensor], torch.Tensor], estimate: torch.Tensor, rows: torch.Tensor
+) -> torch.Tensor:
+    """The objective's values ``(len(rows),)`` for the images ``rows`` of the batch ``estimate``.
+
+    An objective with a ``select(rows)`` method (:class:`~.objective.Objective`) is evaluated on those images only,
+    so images that have stopped cost no backbone pass; any other callable on the whole batch.
+    """
+    select = getattr(objective, "select", None)
+    if len(rows) == estimate.shape[0] or select is None:
+        return objective(estimate)[rows]
+    return select(rows)(estimate[rows])
+
+
+class MaskStability:
+    """Whether each image's mask has settled: at most ``change`` of its pixels differ from ``patience`` iterations ago."""
+
+    def __init__(self, mask_of: Callable[[torch.Tensor], torch.Tensor], patience: int, change: float) -> None:
+        self.mask_of, self.patience, self.change = mask_of, patience, change
+        self.masks: list[torch.Tensor] = []
+
+    def update(self, estimate: torch.Tensor) -> torch.Tensor:
+        """Record the masks of ``estimate``; returns ``(B,)`` bool, True where the mask has settled."""
+        self.masks = [*self.masks[-self.patience :], self.mask_of(estimate)]
+        if len(self.masks) <= self.patience:
+            return torch.zeros(estimate.shape[0], dtype=torch.bool, device=estimate.device)
+        now, before = self.masks[-1].flatten(1), self.masks[0].flatten(1)
+        changed = (now != before).sum(1)
+        return changed <= self.change * now.sum(1).clamp_min(1)
 
 
 def minimise(
@@ -167,12 +216,14 @@ def minimise(
     settings: OptimizerSettings,
     share: bool = True,
     sharing: GradientSharing | None = None,
+    mask_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, OptimisationTrace]:
     """Minimise ``objective`` (one value per image) over the pixels of ``region``, starting at ``start``.
 
     Returns the final normal-image estimate and the trace. ``share=False`` gives plain Adan with the
     other steps unchanged (for comparisons). ``sharing``: weights already built for this ``observed`` and
-    ``region`` (several solves over the same region share them); built here when ``None``.
+    ``region`` (several solves over the same region share them); built here when ``None``. ``mask_of``: the
+    refined masks ``(B, H, W)`` of estimates ``(B, C, H, W)``, for ``settings.mask_patience``.
     """
     free = region[:, None].to(start.dtype)
     estimate = torch.where(free > 0, start, observed).clamp(0, 1).detach().requires_grad_(True)
@@ -186,25 +237,38 @@ def minimise(
         sharing = GradientSharing(observed, region, settings.kernel_size, settings.sigma_space, settings.sigma_color)
     elif not share:
         sharing = None
+    stability = (
+        MaskStability(mask_of, settings.mask_patience, settings.mask_change)
+        if mask_of is not None and settings.mask_patience is not None
+        else None
+    )
     best_seen: list[torch.Tensor] = []
     values_seen: list[torch.Tensor] = []
     for iteration in range(settings.max_iterations + 1):
-        values = objective(estimate)
-        check_finite("the objective", values)
+        rows = active.nonzero().flatten()
+        running = evaluate_rows(objective, estimate, rows)
+        if not torch.isfinite(running).all():
+            raise NonFiniteError("the objective", rows[~torch.isfinite(running)].tolist())
         with torch.no_grad():
+            values = (values_seen[-1] if values_seen else best).clone()
+            values[rows] = running.detach()
             improved = values < best
             best = torch.where(improved, values, best)
             best_estimate[improved] = estimate[improved]
-            values_seen.append(values.detach())
+            values_seen.append(values)
             best_seen.append(best.clone())
             if settings.raw_change and iteration >= max(1, settings.min_iterations):
                 active &= values_seen[-2] - values_seen[-1] >= settings.tolerance
             elif not settings.raw_change and iteration >= max(settings.patience, settings.min_iterations):
                 gain = (best_seen[-1 - settings.patience] - best) / settings.patience
                 active &= gain >= settings.tolerance
+            if stability is not None:
+                settled = stability.update(best_estimate)
+                if iteration >= settings.min_iterations:
+                    active &= ~settled
         if iteration == settings.max_iterations or not active.any():
             break
-        (gradient,) = torch.autograd.grad(values.sum(), estimate)
+        (gradient,) = torch.autograd.grad(running.sum(), estimate)
         check_finite("the objective's gradients", gradient)
         with torch.no_grad():
             if sharing is not None:

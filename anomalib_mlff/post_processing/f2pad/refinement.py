@@ -19,7 +19,9 @@
 6. Re-estimation: minimise J again without the sparsity term, over the final mask only, to recover X_N.
 7. Trust (:mod:`trust`): an image keeps its initial mask where the refined one explains too little of the score
    R's inpainting removes (``min_explained``) or lies mostly where it lowers no score (``max_unexplained_area``).
-Images of another size than ``working_size`` are resized to it and the results resized back.
+Images of another size than ``working_size`` are resized to it and the results resized back. Up to
+``images_per_solve`` images are refined together, and with ``batch_starts`` every start of every image is one
+row of a single batched solve; each row stops on its own (``optimizer.py``).
 """
 
 from __future__ import annotations
@@ -54,6 +56,23 @@ def denoise_magnitude(magnitude: torch.Tensor, region: torch.Tensor, size: int) 
     if size == 1:
         return inside
     return median_blur(inside[:, None], size)[:, 0] * region  # the median may spread past R's edge
+
+
+def refined_masks(
+    observed: torch.Tensor, region: torch.Tensor, settings: F2PADSettings
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The mask rule of step 5 (before colour growth) as a function of normal-image estimates.
+
+    Estimates may stack several copies of the batch (one per start, ``torch.cat`` order).
+    """
+
+    def mask_of(normal: torch.Tensor) -> torch.Tensor:
+        times = normal.shape[0] // observed.shape[0]
+        tiled_observed, tiled_region = observed.repeat(times, 1, 1, 1), region.repeat(times, 1, 1)
+        magnitude = denoise_magnitude(channel_norm(tiled_observed - normal), tiled_region, settings.median_size)
+        return magnitude > settings.mask_threshold
+
+    return mask_of
 
 
 def initial_estimates(
@@ -149,22 +168,24 @@ def refine(
     """Refine ``initial_masks`` ``(B, H, W)`` of [0, 1] ``images`` ``(B, C, H, W)``; see the module docstring."""
     check_finite("the images", images)
     result = Refinement.unchanged(images)
-    todo = initial_masks.flatten(1).any(1).nonzero().flatten().tolist()
+    todo = initial_masks.flatten(1).any(1).nonzero().flatten()
     size = tuple(images.shape[-2:])
     working_size = tuple(scorer.working_size(size) if working_size is None else working_size)
-    for index in todo:  # one image at a time: its own crop and its own stopping point
-        observed, masks = images[index : index + 1], initial_masks[index : index + 1].bool()
+    per_solve = settings.images_per_solve or (1 if images.device.type == "cpu" else len(images))
+    groups = todo.split(per_solve) if len(todo) else ()  # split() of nothing gives one empty group
+    for group in groups:  # one common crop per group; each image stops on its own
+        observed, masks = images[group], initial_masks[group].bool()
         if working_size != size:
             observed = F.interpolate(observed, size=working_size, mode="bilinear", antialias=True).clamp(0, 1)
             masks = F.interpolate(masks[:, None].float(), size=working_size, mode="nearest")[:, 0] > 0
         try:
             refined = _refine_at_model_size(observed, masks, scorer, inpainter, prior, settings)
         except NonFiniteError as error:
-            raise NonFiniteError(error.what, [index]) from error
+            raise NonFiniteError(error.what, group[error.items].tolist()) from error
         if working_size != size:
-            refined = _resize(refined, images[index : index + 1], settings.mask_threshold)
+            refined = _resize(refined, images[group], settings.mask_threshold)
         for name in _FIELDS:
-            getattr(result, name)[index] = getattr(refined, name)[0]
+            getattr(result, name)[group] = getattr(refined, name)
     untrusted = result.explained < settings.min_explained
     if settings.max_unexplained_area is not None:
         untrusted |= result.unexplained_area > settings.max_unexplained_area
@@ -220,7 +241,8 @@ def _refine_at_model_size(
         score_region_inpainted = objective.feature_score(window.crop(inpainted["region"]))
     normal, chosen, iterations = lowest_energy_solve(
         objective, [window.crop(start) for start in starts], observed_crop, region_crop, optimizer,
-        settings.share_gradients,
+        settings.share_gradients, together=settings.batch_starts,
+        mask_of=refined_masks(observed_crop, region_crop, settings),
     )
     start = torch.stack(starts)[chosen, torch.arange(len(chosen), device=chosen.device)]
     magnitude = denoise_magnitude(channel_norm(observed_crop - normal), region_crop, settings.median_size)
@@ -261,8 +283,14 @@ def lowest_energy_solve(
     region: torch.Tensor,
     optimizer: OptimizerSettings,
     share: bool = True,
+    together: bool = True,
+    mask_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Minimise ``objective`` from each start; per image the estimate with the lowest value.
+    """Minimise ``objective`` from each start; per image the estimate with the lowest value (the first on a tie).
+
+    ``together``: the starts are stacked into one batch and solved at once, each row stopping on its own, where the
+    objective can be repeated (:meth:`.objective.Objective.repeat`); otherwise one after the other. ``mask_of``:
+    the mask rule for ``mask_patience`` (:func:`refined_masks`).
 
     Returns the estimate ``(B, C, H, W)``, the index of its start ``(B,)`` and the iterations of all solves ``(B,)``.
     """
@@ -271,13 +299,26 @@ def lowest_energy_solve(
         if share
         else None
     )
+    batch = observed.shape[0]
+    if together and len(starts) > 1 and hasattr(objective, "repeat"):
+        count = len(starts)
+        try:
+            normal, trace = minimise(
+                objective.repeat(count), torch.cat(starts), observed.repeat(count, 1, 1, 1),
+                region.repeat(count, 1, 1), optimizer, share, sharing, mask_of,
+            )
+        except NonFiniteError as error:  # rows are (start, image) pairs: name the images
+            raise NonFiniteError(error.what, sorted({item % batch for item in error.items})) from error
+        chosen = trace.best.reshape(count, batch).argmin(0)
+        normal = normal.reshape(count, batch, *normal.shape[1:])[chosen, torch.arange(batch, device=chosen.device)]
+        return normal, chosen, trace.iterations.reshape(count, batch).sum(0)
     best_normal = best_value = None
-    chosen = torch.zeros(observed.shape[0], dtype=torch.long, device=observed.device)
+    chosen = torch.zeros(batch, dtype=torch.long, device=observed.device)
     iterations = torch.zeros_like(chosen)
     for index, start in enumerate(starts):
-        normal, trace = minimise(objective, start, observed, region, optimizer, share, sharing)
+        normal, trace = minimise(objective, start, observed, region, optimizer, share, sharing, mask_of)
         iterations = iterations + trace.iterations
-        value = trace.values.amin(0)  # J at the returned estimate, which is each image's best iterate
+        value = trace.best
         if best_value is None:
             best_normal, best_value = normal, value
             continue
