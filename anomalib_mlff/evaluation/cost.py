@@ -53,6 +53,10 @@ def model_gflop_per_image(model: AnomalibModule, image: torch.Tensor) -> float:
 
 def coverage_radius(embeddings: torch.Tensor, indices: torch.Tensor, block: int = 4096) -> float:
     """Largest distance from an embedding to its nearest coreset member ``embeddings[indices]``."""
-    centres = embeddings[indices]
+    return float(nearest_distances(embeddings, embeddings[indices], block).max())
+
+
+def nearest_distances(embeddings: torch.Tensor, centres: torch.Tensor, block: int = 4096) -> torch.Tensor:
+    """Distance from each embedding ``(N, C)`` to its nearest row of ``centres``, ``(N,)``, in blocks of rows."""
     nearest = [torch.cdist(embeddings[i : i + block], centres).amin(dim=1) for i in range(0, len(embeddings), block)]
-    return float(torch.cat(nearest).max())
+    return torch.cat(nearest)

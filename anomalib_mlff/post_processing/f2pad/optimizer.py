@@ -14,9 +14,10 @@ An image stops when its best objective value improved by less than ``tolerance``
 averaged over the last ``patience`` iterations; with ``raw_change``, by the paper's rule instead: when the
 objective's raw decrease between two consecutive iterations is below ``tolerance`` (Adan's first, sign-like
 steps often trip it at once). With ``mask_patience`` and a mask rule, an image also stops once the mask of its
-best estimate changed in at most ``mask_change`` of its pixels over the last ``mask_patience`` iterations. Either way it keeps its best estimate. The loop ends
-when all images have stopped or after ``max_iterations``; each iteration evaluates the objective (the
-backbone's forward and backward pass) on the images still running only.
+best estimate changed in at most ``mask_change`` of its pixels over the last ``mask_patience`` iterations.
+Either way it keeps its best estimate. The loop ends when all images have stopped or after ``max_iterations``;
+each iteration evaluates the objective (the backbone's forward and backward pass) on the images still running
+only.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class OptimizerSettings:
 
     @classmethod
     def of(cls, settings: F2PADSettings, default_tolerance: float) -> OptimizerSettings:
-        """The optimiser's part of F2PAD's ``settings``; ``default_tolerance`` (the scorer's) where theirs is ``None``."""
+        """The optimiser's part of F2PAD's ``settings``; ``default_tolerance`` (the scorer's) where it has ``None``."""
         return cls(
             lr=settings.lr,
             clip=settings.clip,
@@ -141,7 +142,8 @@ class GradientSharing:
         batch, channels, height, width = gradient.shape
         own = self.free.shape[0]
         times = batch // own
-        flat = gradient.reshape(times, own, channels, height, width).permute(1, 3, 4, 0, 2).reshape(-1, times * channels)
+        copies = gradient.reshape(times, own, channels, height, width)
+        flat = copies.permute(1, 3, 4, 0, 2).reshape(-1, times * channels)  # one column per copy and channel
         shared = (self.matrix @ flat).reshape(own, height, width, times, channels)
         return shared.permute(3, 0, 4, 1, 2).reshape(batch, channels, height, width)
 
@@ -192,7 +194,7 @@ def evaluate_rows(
 
 
 class MaskStability:
-    """Whether each image's mask has settled: at most ``change`` of its pixels differ from ``patience`` iterations ago."""
+    """Whether each image's mask has settled: at most ``change`` of its pixels differ from ``patience`` steps ago."""
 
     def __init__(self, mask_of: Callable[[torch.Tensor], torch.Tensor], patience: int, change: float) -> None:
         self.mask_of, self.patience, self.change = mask_of, patience, change
