@@ -2,8 +2,11 @@
 have stopped cost no backbone pass, and a solve stops once its mask settles.
 
 "The same masks" is up to float rounding: torch's backward pass through the backbone for a batch of two differs
-from two passes of one by about 1e-6, and the solver's sign-like steps carry such differences into a few boundary
-pixels of the mask and an iteration or two of stopping time.
+from two passes of one by about 1e-6, and the solver's sign-like steps carry such differences into the mask's
+boundary. How far is measured on the one-at-a-time path itself: on this 64 px defect (about 150 mask pixels),
+adding noise of 1e-6 to the image moved its refined mask to IoU 0.78-0.92 with the unperturbed one and its IoU
+against the truth by up to 0.07. So the tests compare each batched mask with the one-at-a-time mask by how well
+both match the truth (within 0.1) and check that no image receives another's mask.
 """
 
 from __future__ import annotations
@@ -34,12 +37,17 @@ def iou(first: torch.Tensor, second: torch.Tensor) -> float:
     return float((first & second).sum() / (first | second).sum())
 
 
-def assert_same_up_to_rounding(batched: Refinement, single: Refinement) -> None:
-    """Per image: masks that overlap with IoU >= 0.85 and iteration counts within 15% (see the module docstring)."""
-    for index in range(len(single.pred_mask)):
-        assert single.pred_mask[index].any()
-        assert iou(batched.pred_mask[index], single.pred_mask[index]) >= 0.85
-    assert ((batched.iterations - single.iterations).abs() <= 0.15 * single.iterations).all()
+def assert_same_up_to_rounding(batched: Refinement, single: Refinement, truths: torch.Tensor) -> None:
+    """Per image: a refined mask that matches the truth as well as the one-at-a-time one (IoU within 0.1), overlaps
+    it more than any other image's, and came after about as many iterations (within 25%); see the module docstring.
+    """
+    for index, truth in enumerate(truths):
+        assert single.pred_mask[index].any() and batched.pred_mask[index].any()
+        assert abs(iou(batched.pred_mask[index], truth) - iou(single.pred_mask[index], truth)) <= 0.1
+        own = iou(batched.pred_mask[index], single.pred_mask[index])
+        others = single.pred_mask[torch.arange(len(truths)) != index]
+        assert all(own > iou(batched.pred_mask[index], other) for other in others)
+    assert ((batched.iterations - single.iterations).abs() <= 0.25 * single.iterations).all()
 
 
 def coarse_mask(truth: torch.Tensor) -> torch.Tensor:
@@ -56,7 +64,7 @@ def test_starts_solved_together_give_the_masks_of_starts_solved_one_after_the_ot
     together = refine(image[None], coarse_mask(truth)[None], scorer, ClassicalInpainter(), None, settings)
     apart = refine(image[None], coarse_mask(truth)[None], scorer, ClassicalInpainter(), None,
                    replace(settings, batch_starts=False))
-    assert_same_up_to_rounding(together, apart)
+    assert_same_up_to_rounding(together, apart, truth[None])
 
 
 @pytest.mark.slow
@@ -68,7 +76,7 @@ def test_images_refined_together_give_the_masks_of_images_refined_one_at_a_time(
     scorer = build_scorer(patchcore(), IMAGENET, num_candidates=5)
     together = refine(images, masks, scorer, ClassicalInpainter(), None, replace(SMALL, images_per_solve=2))
     alone = refine(images, masks, scorer, ClassicalInpainter(), None, replace(SMALL, images_per_solve=1))
-    assert_same_up_to_rounding(together, alone)
+    assert_same_up_to_rounding(together, alone, torch.stack([truth, truth.flip(-1)]))
 
 
 def small_objective(batch: int) -> tuple[Objective, torch.Tensor, list[int]]:
