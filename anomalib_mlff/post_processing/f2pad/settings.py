@@ -100,7 +100,7 @@ class F2PADSettings:
     batch_starts: bool = True
     """Solve all starts as one batch (one backbone pass per iteration for every start and image, each stopping on
     its own); ``False``: one start after the other, with a start's share of the memory. Same results up to float
-    rounding."""
+    rounding (README.md, GPU and batching)."""
     images_per_solve: int | None = None
     """Images of a batch refined together, on one common crop size, each stopping on its own; 1: each image alone on
     its own crop. The common crop holds the largest region of the group, so smaller regions get more context and
