@@ -16,7 +16,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from anomalib_mlff.post_processing.f2pad import ClassicalInpainter, F2PADSettings, Refinement, refine
+from anomalib_mlff.post_processing.f2pad import ClassicalInpainter, F2PADSettings, Refinement, refine, refinement
 from anomalib_mlff.post_processing.f2pad.objective import Objective
 from anomalib_mlff.post_processing.f2pad.optimizer import (
     GradientSharing,
@@ -177,3 +177,25 @@ def test_mask_stability_allows_the_given_share_of_changed_pixels() -> None:
 def test_bad_batching_and_stopping_settings_are_refused_naming_the_parameter(name: str, value: object) -> None:
     with pytest.raises(ValueError, match=name):
         F2PADSettings(**{name: value})
+
+
+@pytest.mark.slow
+def test_a_cpu_refines_one_image_at_a_time_unless_images_per_solve_groups_them(monkeypatch) -> None:  # noqa: ANN001
+    image, truth = defect_image()
+    images = torch.stack([image, image.flip(-1)])
+    masks = torch.stack([coarse_mask(truth), coarse_mask(truth).flip(-1)])
+    scorer = build_scorer(patchcore(), IMAGENET, num_candidates=5)
+    groups: list[int] = []
+    solve = refinement._refine_at_model_size  # noqa: SLF001 - the test records the groups refined together
+
+    def recorded(observed: torch.Tensor, *args: object) -> Refinement:
+        groups.append(len(observed))
+        return solve(observed, *args)
+
+    monkeypatch.setattr(refinement, "_refine_at_model_size", recorded)
+    quick = replace(SMALL, max_iterations=2, reestimation_iterations=0)
+    refine(images, masks, scorer, ClassicalInpainter(), None, quick)
+    assert groups == [1, 1]
+    groups.clear()
+    refine(images, masks, scorer, ClassicalInpainter(), None, replace(quick, images_per_solve=2))
+    assert groups == [2]

@@ -44,6 +44,11 @@ from .trust import explained, unexplained_area
 from .window import dilate, positions_touched
 
 
+#: Images per solve on a GPU when ``images_per_solve`` is ``None``: each is a row per start of one batched backbone
+#: pass with its graph kept for the backward pass, so the whole evaluation batch could exhaust a smaller GPU.
+GPU_IMAGES_PER_SOLVE = 8
+
+
 def denoise_magnitude(magnitude: torch.Tensor, region: torch.Tensor, size: int) -> torch.Tensor:
     """|A| ``(B, H, W)`` median-filtered over ``size`` x ``size`` windows and kept inside ``region``.
 
@@ -171,7 +176,7 @@ def refine(
     todo = initial_masks.flatten(1).any(1).nonzero().flatten()
     size = tuple(images.shape[-2:])
     working_size = tuple(scorer.working_size(size) if working_size is None else working_size)
-    per_solve = settings.images_per_solve or (1 if images.device.type == "cpu" else len(images))
+    per_solve = settings.images_per_solve or (1 if images.device.type == "cpu" else GPU_IMAGES_PER_SOLVE)
     groups = todo.split(per_solve) if len(todo) else ()  # split() of nothing gives one empty group
     for group in groups:  # one common crop per group; each image stops on its own
         observed, masks = images[group], initial_masks[group].bool()

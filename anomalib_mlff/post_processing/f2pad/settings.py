@@ -105,7 +105,7 @@ class F2PADSettings:
     """Images of a batch refined together, on one common crop size, each stopping on its own; 1: each image alone on
     its own crop. The common crop holds the largest region of the group, so smaller regions get more context and
     cost more. ``None``: one at a time on a CPU, where a batched pass costs as much as the passes it replaces and the
-    larger crop adds work; the whole batch on a GPU."""
+    larger crop adds work; up to 8 at a time on a GPU (``refinement.GPU_IMAGES_PER_SOLVE``)."""
     reestimate: bool = True
     """Re-estimate the normal image inside the final mask without the sparsity term."""
     reestimation_iterations: int = 10
