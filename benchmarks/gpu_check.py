@@ -59,12 +59,14 @@ print(faiss.__version__)
 
 @dataclass
 class Check:
-    """One row group of the table: its name, what it runs, and a time estimate used against the budget."""
+    """One row group of the table: its name, what it runs, a time estimate used against the budget, and what makes
+    it pointless on this machine whatever the budget (a reason, or ``None`` where it can run)."""
 
     name: str
     what: str
     seconds: float
     run: Callable[[Path, bool, float], list[tuple[str, str, str]]]  # (root, smoke, deadline) -> rows
+    cannot_run: Callable[[], str | None] = lambda: None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -187,7 +189,8 @@ def check_search(_root: Path, smoke: bool, _deadline: float = float("inf")) -> l
     on_device.search(device_queries[:64], 9)  # builds the index
     seconds, (_, found) = _timed(lambda: on_device.search(device_queries, 9), device, repeats=3)
     agree = float((found[:, 0].cpu() == cpu_found[:, 0]).float().mean())
-    engine = ("faiss-gpu" if faiss_gpu_available() else "torch on the GPU (no faiss-gpu)") if device == "cuda" else "CPU"
+    on_gpu = "faiss-gpu" if faiss_gpu_available() else "torch on the GPU (no faiss-gpu)"
+    engine = on_gpu if device == "cuda" else "CPU"
     return [(f"exact search {queries_n} x {rows} x {dim}, k=9", f"{engine} {seconds:.3f} s vs CPU {cpu_s:.3f} s",
              f"{cpu_s / seconds:.1f}x, nearest agrees on {agree:.4f}")]
 
@@ -319,7 +322,8 @@ def check_models(root: Path, smoke: bool, deadline: float = float("inf")) -> lis
             before, after, refined = _iou(predictions)
             image_auroc = metrics[0].get("image_AUROC", float("nan"))
             pixel_auroc = metrics[0].get("pixel_AUROC", float("nan"))
-            rows.append((f"{name} fit + test, {size} px", f"fit {fit_s:.1f} s, test {1000 * test_s / count:.1f} ms/image",
+            timing = f"fit {fit_s:.1f} s, test {1000 * test_s / count:.1f} ms/image"
+            rows.append((f"{name} fit + test, {size} px", timing,
                          f"image AUROC {image_auroc:.3f}, pixel AUROC {pixel_auroc:.3f} ({count} images)"))
             rows.append((f"F2PAD on {name}", f"{f2pad_s / max(refined, 1):.2f} s/image",
                          f"IoU {before:.1f} -> {after:.1f} on {refined} defective images"))
@@ -355,13 +359,16 @@ def check_coreset(_root: Path, smoke: bool, _deadline: float = float("inf")) -> 
              f"{theirs_s / ours_s:.1f}x, radius ratio {ratio:.3f}")]
 
 
-def check_ddp(root: Path, smoke: bool, _deadline: float = float("inf")) -> list[tuple[str, str, str]]:
-    """A DDP fit of FaissPatchcore over every visible GPU (Lightning launches the ranks)."""
+def ddp_cannot_run() -> str | None:
+    """Why the DDP check cannot run here (fewer than two GPUs), or ``None``."""
     import torch  # noqa: PLC0415
 
     gpus = torch.cuda.device_count()
-    if gpus < 2:
-        return [("DDP fit", "not run", f"{gpus} GPU visible; DDP needs two (tests/test_ddp.py runs it on CPU, gloo)")]
+    return None if gpus >= 2 else f"{gpus} GPU visible; DDP needs two (tests/test_ddp.py runs it on CPU, gloo)"
+
+
+def check_ddp(root: Path, smoke: bool, _deadline: float = float("inf")) -> list[tuple[str, str, str]]:
+    """A DDP fit of FaissPatchcore over every visible GPU (Lightning launches the ranks)."""
     result = subprocess.run(  # noqa: S603
         [sys.executable, __file__, "--ddp-child", str(root)], capture_output=True, text=True, check=False, timeout=600
     )
@@ -392,7 +399,7 @@ CHECKS = (
     Check("faiss IVF", "IVF flat and IVF fp16 on the device: recall@1, time", 40, check_approximate),
     Check("coreset", "greedy coreset vs anomalib KCenterGreedy on the device", 40, check_coreset),
     Check("models + F2PAD", "FaissPatchcore, MFFA, MLFF, PatchCore, PaDiM: fit, test, F2PAD refine", 120, check_models),
-    Check("DDP", "FaissPatchcore DDP fit over every visible GPU", 60, check_ddp),
+    Check("DDP", "FaissPatchcore DDP fit over every visible GPU", 60, check_ddp, ddp_cannot_run),
 )
 
 
@@ -405,9 +412,13 @@ def run_checks(root: Path, smoke: bool, budget_s: float) -> None:
     start = time.perf_counter()
     for check in CHECKS:
         left = budget_s - (time.perf_counter() - start)
+        reason = check.cannot_run()
+        if reason is not None:
+            print(ROW_PREFIX + json.dumps([check.name, "not run", reason]), flush=True)
+            continue
         if left < check.seconds:
-            print(ROW_PREFIX + json.dumps([check.name, "skipped", f"{left:.0f} s of the budget left, needs ~{check.seconds:.0f}"]),
-                  flush=True)
+            reason = f"{left:.0f} s of the budget left, needs ~{check.seconds:.0f}"
+            print(ROW_PREFIX + json.dumps([check.name, "skipped", reason]), flush=True)
             continue
         began = time.perf_counter()
         try:

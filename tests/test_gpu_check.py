@@ -70,3 +70,20 @@ def test_a_faiss_without_a_gpu_kernel_is_refused_with_its_reason(gpu_check: Modu
     site, verdicts = gpu_check.choose_faiss("13", tmp_path, tmp_path / "sites")  # an empty wheel folder
     assert site is None
     assert any("no faiss GPU wheel" in verdict for _, verdict in verdicts)
+
+
+def test_a_check_this_machine_cannot_run_says_why_whatever_the_budget(  # noqa: ANN201
+    gpu_check, tmp_path, capsys, monkeypatch  # noqa: ANN001
+):
+    """With no budget left every check is skipped for time, except one that could not run here anyway (DDP on fewer
+    than two GPUs), which says that instead."""
+    monkeypatch.setattr(gpu_check, "ddp_cannot_run", lambda: "1 GPU visible; DDP needs two")
+    checks = [gpu_check.Check(check.name, check.what, check.seconds, check.run,
+                              gpu_check.ddp_cannot_run if check.name == "DDP" else check.cannot_run)
+              for check in gpu_check.CHECKS]
+    monkeypatch.setattr(gpu_check, "CHECKS", tuple(checks))
+    gpu_check.run_checks(tmp_path, smoke=True, budget_s=0)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(gpu_check.ROW_PREFIX)]
+    assert len(rows) == len(checks)
+    assert rows[-1] == gpu_check.ROW_PREFIX + '["DDP", "not run", "1 GPU visible; DDP needs two"]'
+    assert all('"skipped"' in row for row in rows[:-1])
