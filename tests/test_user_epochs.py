@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from anomalib.cli import AnomalibCLI
+from anomalib.engine import Engine
 from anomalib.models.components import AnomalibModule
 from anomalib.pipelines.benchmark.job import BenchmarkJob
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -122,13 +123,19 @@ def test_mffa_validates_only_after_its_last_epoch_and_refuses_what_cannot_fill()
 
 
 # ------------------------------------------------------------------ anomalib's Engine
+def fit_logged(model: AnomalibModule, max_epochs: int, tmp_path: Path, small_root: Path) -> tuple[EpochLog, Engine]:
+    """Fit ``model`` with ``Engine(max_epochs=...)`` on the small data; the epoch log and the engine."""
+    log = EpochLog()
+    engine = helpers.quiet_engine(tmp_path, max_epochs=max_epochs, callbacks=[log])
+    engine.fit(model, datamodule=helpers.datamodule(small_root))
+    return log, engine
+
+
 @pytest.mark.slow
 def test_engine_max_epochs_wins_for_mlff(tmp_path: Path, small_root: Path) -> None:
     """``Engine(max_epochs=1).fit(MLFF())`` trains one epoch, not the model's 200."""
-    log = EpochLog()
     model = tiny(MLFF)
-    engine = helpers.quiet_engine(tmp_path, max_epochs=1, callbacks=[log])
-    engine.fit(model, datamodule=helpers.datamodule(small_root))
+    log, engine = fit_logged(model, 1, tmp_path, small_root)
     assert log.epochs == completed_epochs(engine.trainer) == 1
     assert engine.trainer.max_epochs == 1
     assert model.epochs == 200
@@ -137,10 +144,8 @@ def test_engine_max_epochs_wins_for_mlff(tmp_path: Path, small_root: Path) -> No
 @pytest.mark.slow
 def test_engine_max_epochs_sets_mffa_psg_epochs(tmp_path: Path, small_root: Path) -> None:
     """``Engine(max_epochs=2)`` with the default 64 PSG epochs: one PSG epoch, the fill epoch, then validation."""
-    log = EpochLog()
     model = tiny(MFFA)
-    engine = helpers.quiet_engine(tmp_path, max_epochs=2, callbacks=[log])
-    engine.fit(model, datamodule=helpers.datamodule(small_root))
+    log, engine = fit_logged(model, 2, tmp_path, small_root)
     assert log.epochs == completed_epochs(engine.trainer) == 2
     assert log.validations == [1]
     assert model.model.is_fitted

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -173,10 +173,11 @@ class OptimisationTrace:
 
     values: torch.Tensor
     iterations: torch.Tensor
-    best: torch.Tensor = field(init=False)
 
-    def __post_init__(self) -> None:
-        self.best = self.values.amin(0)  # J at the returned estimate, which is each image's best iterate
+    @property
+    def best(self) -> torch.Tensor:
+        """J at the returned estimate, which is each image's best iterate, ``(B,)``."""
+        return self.values.amin(0)
 
 
 def evaluate_rows(

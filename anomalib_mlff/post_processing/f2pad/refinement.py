@@ -71,9 +71,13 @@ def refined_masks(
     Estimates may stack several copies of the batch (one per start, ``torch.cat`` order).
     """
 
+    tiled: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # the copies, made once per count (every iteration asks)
+
     def mask_of(normal: torch.Tensor) -> torch.Tensor:
         times = normal.shape[0] // observed.shape[0]
-        tiled_observed, tiled_region = observed.repeat(times, 1, 1, 1), region.repeat(times, 1, 1)
+        if times not in tiled:
+            tiled[times] = (observed.repeat(times, 1, 1, 1), region.repeat(times, 1, 1))
+        tiled_observed, tiled_region = tiled[times]
         magnitude = denoise_magnitude(channel_norm(tiled_observed - normal), tiled_region, settings.median_size)
         return magnitude > settings.mask_threshold
 
