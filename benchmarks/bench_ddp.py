@@ -118,7 +118,7 @@ def compare(category: str, ratio: float, out: Path) -> dict[str, object]:
     from anomalib_mlff.evaluation.cost import nearest_distances  # noqa: PLC0415
 
     torch.set_num_threads(1)
-    row: dict[str, object] = {"category": category, "ratio": ratio}
+    row: dict[str, object] = {"category": category, "ratio": ratio}  # the table's columns, in order
     banks, scores = {}, {}
     for devices, coreset_seed in ((1, SEED), (2, SEED), (1, SEED + 1)):
         checkpoint, world, seconds = fit(category, ratio, devices, out, coreset_seed)
@@ -131,13 +131,13 @@ def compare(category: str, ratio: float, out: Path) -> dict[str, object]:
         scores[run] = engine.test(model, datamodule=datamodule(category), ckpt_path=checkpoint, verbose=False)[0]
         banks[run] = model.model.memory_bank
         if run != "seed 1":
-            row[f"fit s ({devices} proc)"] = seconds
+            row[f"fit s ({devices} proc)"] = f"{seconds:.1f}"
     embeddings = training_embeddings(model, category)
     single, ddp = banks[1], banks[2]
     nearest = torch.cdist(ddp, single, compute_mode="donot_use_mm_for_euclid_dist").amin(dim=1)
     row["bank rows 1 / 2 proc"] = f"{len(single)} / {len(ddp)}"
     row["DDP rows in 1-proc bank"] = f"{100 * float((nearest < 1e-4).float().mean()):.1f}%"
-    covering = {run: nearest_distances(embeddings, bank) for run, bank in banks.items()}
+    covering = {run: nearest_distances(embeddings, banks[run]) for run in (1, 2)}
     row["radius 1 / 2 proc"] = f"{float(covering[1].max()):.3f} / {float(covering[2].max()):.3f}"
     row["mean distance 1 / 2 proc"] = f"{float(covering[1].mean()):.3f} / {float(covering[2].mean()):.3f}"
     for key in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO"):
@@ -165,12 +165,7 @@ def main() -> None:
             for ratio in args.ratios:
                 rows.append(compare(category, ratio, Path(folder)))
                 print(rows[-1], file=sys.stderr, flush=True)
-    header = list(rows[0])
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for row in rows:
-        print("| " + " | ".join(f"{row[key]:.1f}" if isinstance(row[key], float) and "fit" in key else str(row[key])
-                                for key in header) + " |")
+    print(markdown_table(list(rows[0]), [list(row.values()) for row in rows]))
 
 
 if __name__ == "__main__":

@@ -144,8 +144,8 @@ def test_a_solve_stops_once_its_mask_has_settled_and_not_before() -> None:
     def objective(normal: torch.Tensor) -> torch.Tensor:
         return normal.square().flatten(1).sum(1)
 
-    def mask_of(normal: torch.Tensor) -> torch.Tensor:
-        return ((observed.repeat(normal.shape[0] // 2, 1, 1, 1) - normal).abs() > 0.1)[:, 0]
+    def mask_of(guide: torch.Tensor, free: torch.Tensor, normal: torch.Tensor) -> torch.Tensor:
+        return ((guide - normal).abs() > 0.1)[:, 0] & free
 
     start = torch.cat([torch.full((1, 1, 8, 8), 0.3), observed[:1]])  # image 0's mask is set, image 1's is empty
     unstopping = F2PADSettings(max_iterations=40, tolerance=0.0, mask_patience=None)

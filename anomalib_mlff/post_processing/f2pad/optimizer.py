@@ -25,6 +25,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -194,10 +195,15 @@ def evaluate_rows(
     return select(rows)(estimate[rows])
 
 
+MaskRule = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``(observed, region, normal)`` -> refined masks ``(B, H, W)`` of the normal-image estimates ``(B, C, H, W)``."""
+
+
 class MaskStability:
     """Whether each image's mask has settled: at most ``change`` of its pixels differ from ``patience`` steps ago."""
 
     def __init__(self, mask_of: Callable[[torch.Tensor], torch.Tensor], patience: int, change: float) -> None:
+        """``mask_of``: the masks of estimates; ``patience`` and ``change`` as in :class:`OptimizerSettings`."""
         self.mask_of, self.patience, self.change = mask_of, patience, change
         self.masks: list[torch.Tensor] = []
 
@@ -219,14 +225,14 @@ def minimise(
     settings: OptimizerSettings,
     share: bool = True,
     sharing: GradientSharing | None = None,
-    mask_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    mask_of: MaskRule | None = None,
 ) -> tuple[torch.Tensor, OptimisationTrace]:
     """Minimise ``objective`` (one value per image) over the pixels of ``region``, starting at ``start``.
 
     Returns the final normal-image estimate and the trace. ``share=False`` gives plain Adan with the
     other steps unchanged (for comparisons). ``sharing``: weights already built for this ``observed`` and
     ``region`` (several solves over the same region share them); built here when ``None``. ``mask_of``: the
-    refined masks ``(B, H, W)`` of estimates ``(B, C, H, W)``, for ``settings.mask_patience``.
+    mask rule (:data:`MaskRule`), applied to this solve's ``observed`` and ``region``, for ``settings.mask_patience``.
     """
     free = region[:, None].to(start.dtype)
     estimate = torch.where(free > 0, start, observed).clamp(0, 1).detach().requires_grad_(True)
@@ -241,7 +247,7 @@ def minimise(
     elif not share:
         sharing = None
     stability = (
-        MaskStability(mask_of, settings.mask_patience, settings.mask_change)
+        MaskStability(partial(mask_of, observed, region), settings.mask_patience, settings.mask_change)
         if mask_of is not None and settings.mask_patience is not None
         else None
     )
@@ -250,8 +256,10 @@ def minimise(
     for iteration in range(settings.max_iterations + 1):
         rows = active.nonzero().flatten()
         running = evaluate_rows(objective, estimate, rows)
-        if not torch.isfinite(running).all():
-            raise NonFiniteError("the objective", rows[~torch.isfinite(running)].tolist())
+        try:
+            check_finite("the objective", running)
+        except NonFiniteError as error:  # positions among the running images: name the images
+            raise NonFiniteError(error.what, rows[error.items].tolist()) from error
         with torch.no_grad():
             values = (values_seen[-1] if values_seen else best).clone()
             values[rows] = running.detach()

@@ -36,7 +36,7 @@ from torch.nn import functional as F  # noqa: N812
 from .growth import grow_into_colour_outliers
 from .inpaint import Inpainter
 from .objective import NonFiniteError, Objective, calibrate_feature_scale, channel_norm
-from .optimizer import GradientSharing, OptimizerSettings, check_finite, minimise
+from .optimizer import GradientSharing, MaskRule, OptimizerSettings, check_finite, minimise
 from .prior import PixelPrior
 from .scorers import DifferentiableScorer
 from .settings import F2PADSettings
@@ -63,23 +63,18 @@ def denoise_magnitude(magnitude: torch.Tensor, region: torch.Tensor, size: int) 
     return median_blur(inside[:, None], size)[:, 0] * region  # the median may spread past R's edge
 
 
-def refined_masks(
-    observed: torch.Tensor, region: torch.Tensor, settings: F2PADSettings
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The mask rule of step 5 (before colour growth) as a function of normal-image estimates.
+def refined_magnitude(
+    observed: torch.Tensor, region: torch.Tensor, normal: torch.Tensor, median_size: int
+) -> torch.Tensor:
+    """|A| = |X - X_N| of step 5, median-filtered over ``median_size`` and kept inside ``region``, ``(B, H, W)``."""
+    return denoise_magnitude(channel_norm(observed - normal), region, median_size)
 
-    Estimates may stack several copies of the batch (one per start, ``torch.cat`` order).
-    """
 
-    tiled: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # the copies, made once per count (every iteration asks)
+def refined_mask_rule(settings: F2PADSettings) -> MaskRule:
+    """The mask rule of step 5 (before colour growth): where :func:`refined_magnitude` exceeds ``mask_threshold``."""
 
-    def mask_of(normal: torch.Tensor) -> torch.Tensor:
-        times = normal.shape[0] // observed.shape[0]
-        if times not in tiled:
-            tiled[times] = (observed.repeat(times, 1, 1, 1), region.repeat(times, 1, 1))
-        tiled_observed, tiled_region = tiled[times]
-        magnitude = denoise_magnitude(channel_norm(tiled_observed - normal), tiled_region, settings.median_size)
-        return magnitude > settings.mask_threshold
+    def mask_of(observed: torch.Tensor, region: torch.Tensor, normal: torch.Tensor) -> torch.Tensor:
+        return refined_magnitude(observed, region, normal, settings.median_size) > settings.mask_threshold
 
     return mask_of
 
@@ -251,10 +246,10 @@ def _refine_at_model_size(
     normal, chosen, iterations = lowest_energy_solve(
         objective, [window.crop(start) for start in starts], observed_crop, region_crop, optimizer,
         settings.share_gradients, together=settings.batch_starts,
-        mask_of=refined_masks(observed_crop, region_crop, settings),
+        mask_of=refined_mask_rule(settings),
     )
     start = torch.stack(starts)[chosen, torch.arange(len(chosen), device=chosen.device)]
-    magnitude = denoise_magnitude(channel_norm(observed_crop - normal), region_crop, settings.median_size)
+    magnitude = refined_magnitude(observed_crop, region_crop, normal, settings.median_size)
     mask = magnitude > settings.mask_threshold
     if settings.colour_growth is not None and objective.prior is not None and mask.any():
         mask, magnitude = grow_into_colour_outliers(
@@ -293,13 +288,13 @@ def lowest_energy_solve(
     optimizer: OptimizerSettings,
     share: bool = True,
     together: bool = True,
-    mask_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    mask_of: MaskRule | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Minimise ``objective`` from each start; per image the estimate with the lowest value (the first on a tie).
 
     ``together``: the starts are stacked into one batch and solved at once, each row stopping on its own, where the
     objective can be repeated (:meth:`.objective.Objective.repeat`); otherwise one after the other. ``mask_of``:
-    the mask rule for ``mask_patience`` (:func:`refined_masks`).
+    the mask rule for ``mask_patience`` (:func:`refined_mask_rule`).
 
     Returns the estimate ``(B, C, H, W)``, the index of its start ``(B,)`` and the iterations of all solves ``(B,)``.
     """
